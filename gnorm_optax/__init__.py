@@ -1,0 +1,27 @@
+"""gnorm_optax: optax transformations that steer training toward flat minima."""
+
+from gnorm_optax._src.adaptive import adaptive_gradient_regularization
+from gnorm_optax._src.adaptive import agr_adamw
+from gnorm_optax._src.adaptive import agr_adan
+from gnorm_optax._src.base import SecondGradientState
+from gnorm_optax._src.finite_difference import finite_difference_gr
+from gnorm_optax._src.finite_difference import gradient_regularization
+from gnorm_optax._src.flooding import FloodingState
+from gnorm_optax._src.flooding import flooding
+from gnorm_optax._src.penalty import penalized_grad
+from gnorm_optax._src.penalty import sam
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "FloodingState",
+    "SecondGradientState",
+    "adaptive_gradient_regularization",
+    "agr_adamw",
+    "agr_adan",
+    "finite_difference_gr",
+    "flooding",
+    "gradient_regularization",
+    "penalized_grad",
+    "sam",
+)

@@ -80,7 +80,9 @@ def _eval_jaxpr(jaxpr: jex_core.Jaxpr, consts: list[Any], *args: Any) -> list[An
       outs = _eval_jaxpr(sub.jaxpr, sub.consts, *invals)
     else:
       with eqn.ctx.manager:
-        outs = eqn.primitive.bind(*invals, **eqn.params)
+        outs = eqn.primitive.bind(
+            *invals, **eqn.primitive.get_bind_params(eqn.params)
+        )
       if not eqn.primitive.multiple_results:
         outs = [outs]
     for v, x in zip(eqn.outvars, outs):

@@ -1,0 +1,248 @@
+"""every_k reuse, its CPU mechanism, the non-finite guard and axis_name."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gnorm_optax as gx
+from gnorm_optax._src import canonical_conv
+
+
+def quartic_problem():
+  x = jax.random.normal(jax.random.key(0), (16, 3))
+  params = {"w": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array(0.3)}
+  loss = lambda p: jnp.mean((x @ p["w"] + p["b"]) ** 4)
+  return loss, params
+
+
+class Counter:
+  """Counts real executions (not traces) of a jitted grad_fn."""
+
+  def __init__(self, grad):
+    self.calls = 0
+    self.grad = grad
+
+  def _tick(self):
+    self.calls += 1
+
+  def __call__(self, p):
+    jax.debug.callback(self._tick)
+    return self.grad(p)
+
+
+def train(tx, loss, params, steps, grad_fn=None):
+  grad_fn = grad_fn or jax.grad(loss)
+
+  @jax.jit
+  def step(p, s):
+    u, s = tx.update(jax.grad(loss)(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s, u
+
+  state = tx.init(params)
+  outs = []
+  for _ in range(steps):
+    params, state, u = step(params, state)
+    outs.append(u)
+  jax.effects_barrier()
+  return params, state, outs
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize(
+    "make,extra_per_refresh",
+    [
+        (lambda k: gx.sam(0.05, every_k=k), 1),
+        (lambda k: gx.finite_difference_gr(0.1, 0.01, every_k=k), 1),
+        (lambda k: gx.finite_difference_gr(0.1, 0.01, scheme="central", every_k=k), 2),
+    ],
+)
+def test_grad_fn_runs_once_in_k_steps(make, extra_per_refresh, k):
+  loss, params = quartic_problem()
+  counter = Counter(jax.grad(loss))
+  steps = 12
+  train(make(k), loss, params, steps, grad_fn=counter)
+  assert counter.calls == extra_per_refresh * -(-steps // k)
+
+
+def test_cached_correction_is_reused_between_refreshes():
+  loss, params = quartic_problem()
+  rho, alpha, k = 0.1, 0.6, 3
+  _, state, outs = train(gx.penalized_grad(rho, alpha, every_k=k), loss, params, 5)
+  # Replay by hand: refresh on steps 0 and 3, reuse the correction g' - g.
+  p, d = params, None
+  lr_free = []
+  for t in range(5):
+    g = jax.grad(loss)(p)
+    if t % k == 0:
+      gn = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+      adv = jax.tree.map(lambda a, b: a + rho * b / gn, p, g)
+      d = jax.tree.map(jnp.subtract, jax.grad(loss)(adv), g)
+    u = jax.tree.map(lambda a, b: a + alpha * b, g, d)
+    lr_free.append(u)
+    p = optax.apply_updates(p, u)
+  for ours, ref in zip(outs, lr_free):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5), ours, ref)
+  assert int(state.count) == 5
+  assert state.correction is not None
+
+
+def test_every_k_one_keeps_no_cache():
+  _, params = quartic_problem()
+  assert gx.sam(0.1).init(params).correction is None
+  cache = gx.sam(0.1, every_k=4).init(params).correction
+  assert jax.tree.structure(cache) == jax.tree.structure(params)
+
+
+# ----------------------------------------------------------------------------
+# The XLA:CPU mechanism: convolutions inside the cond stay canonical.
+# ----------------------------------------------------------------------------
+
+
+def cnn_problem():
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {
+      "c1": jax.random.normal(keys[0], (3, 3, 1, 8)) * 0.3,
+      "c2": jax.random.normal(keys[1], (3, 3, 8, 8)) * 0.1,
+      "w": jax.random.normal(keys[2], (8 * 8 * 8, 10)) * 0.05,
+  }
+  x = jax.random.normal(keys[3], (16, 8, 8, 1))
+  y = jnp.arange(16) % 10
+
+  def conv(h, k):
+    return jax.lax.conv_general_dilated(
+        h, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def loss(p):
+    h = jax.nn.relu(conv(x, p["c1"]))
+    h = jax.nn.relu(conv(h, p["c2"]))
+    logits = h.reshape(16, -1) @ p["w"]
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), y])
+
+  return loss, params
+
+
+def test_canonicalized_gradient_is_identical():
+  loss, params = cnn_problem()
+  grad = jax.jit(jax.grad(loss))
+  fast = jax.jit(canonical_conv.canonicalize_convolutions(jax.grad(loss)))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+      grad(params), fast(params),
+  )
+  # Backward convolutions are non-canonical before the rewrite, not after.
+  def conv_dims(fn):
+    jaxpr = jax.make_jaxpr(fn)(params)
+    specs = []
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        specs.append(tuple(map(tuple, eqn.params["dimension_numbers"])))
+    return specs
+
+  canonical = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+  assert any(s != canonical for s in conv_dims(jax.grad(loss)))
+  rewritten = conv_dims(canonical_conv.canonicalize_convolutions(jax.grad(loss)))
+  assert rewritten and all(s == canonical for s in rewritten)
+
+
+def test_every_k_step_compiles_only_canonical_convolutions_on_cpu():
+  loss, params = cnn_problem()
+  tx = optax.chain(gx.sam(0.05, every_k=2), optax.sgd(0.1))
+
+  def step(p, s):
+    u, s = tx.update(jax.grad(loss)(p), s, p, grad_fn=jax.grad(loss))
+    return optax.apply_updates(p, u), s
+
+  hlo = jax.jit(step).lower(params, tx.init(params)).compile().as_text()
+  labels = re.findall(r"convolution\(.*?dim_labels=(\S+?)[,\s]", hlo)
+  assert len(labels) >= 6  # forward and backward convs of both passes
+  assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+def test_every_k_result_matches_every_step_on_refresh():
+  loss, params = cnn_problem()
+  _, _, a = train(optax.chain(gx.sam(0.05, every_k=2), optax.sgd(0.1)), loss, params, 1)
+  _, _, b = train(optax.chain(gx.sam(0.05), optax.sgd(0.1)), loss, params, 1)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+               a[0], b[0])
+
+
+# ----------------------------------------------------------------------------
+# Non-finite guard.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: gx.penalized_grad(0.05, 0.8),
+        lambda: gx.penalized_grad(0.05, 0.8, every_k=2),
+        lambda: gx.finite_difference_gr(0.1, 0.01, scheme="central"),
+        lambda: gx.gradient_regularization(0.1),
+    ],
+)
+def test_nonfinite_extra_gradient_falls_back_to_clean_gradient(make, bad):
+  loss, params = quartic_problem()
+  bad_steps = {1, 2}
+  step_box = {"t": 0}
+
+  def grad_fn(p):
+    g = jax.grad(loss)(p)
+    poison = jnp.isin(step_box["t_arr"], jnp.array(sorted(bad_steps)))
+    return jax.tree.map(lambda x: x * jnp.where(poison, bad, 1.0), g)
+
+  tx = make()
+  state = tx.init(params)
+  for t in range(4):
+    step_box["t_arr"] = jnp.asarray(t)
+    g = jax.grad(loss)(params)
+    u, state = tx.update(g, state, params, grad_fn=grad_fn)
+    for x in jax.tree.leaves(u):
+      assert np.all(np.isfinite(x))
+    if t in bad_steps and (t % 2 == 0 or state.correction is None):
+      jax.tree.map(np.testing.assert_array_equal, u, g)
+    params = optax.apply_updates(params, jax.tree.map(lambda x: -1e-4 * x, u))
+  expected = 1 if state.correction is not None else len(bad_steps)
+  assert int(state.nonfinite_count) == expected
+
+
+# ----------------------------------------------------------------------------
+# axis_name: averaged gradients, synchronized or local perturbation.
+# ----------------------------------------------------------------------------
+
+
+def sharded_problem():
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (4, 8, 3))  # 4 shards of 8 examples
+  y = jax.random.normal(keys[1], (4, 8))
+  params = jax.random.normal(keys[2], (3,))
+  loss = lambda p, xs, ys: jnp.mean((jnp.tanh(xs @ p) - ys) ** 2)
+  return loss, params, x, y
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_axis_name_matches_per_shard_computation(sync):
+  loss, params, x, y = sharded_problem()
+  rho, alpha = 0.2, 0.7
+  tx = gx.penalized_grad(rho, alpha, axis_name="data", sync_perturbation=sync)
+
+  def per_shard(xs, ys):
+    g = jax.grad(loss)(params, xs, ys)
+    u, _ = tx.update(g, tx.init(params), params,
+                     grad_fn=lambda p: jax.grad(loss)(p, xs, ys))
+    return u
+
+  out = jax.vmap(per_shard, axis_name="data")(x, y)
+  np.testing.assert_allclose(out[0], out[3], rtol=1e-6)  # replicated result
+
+  grads = jnp.stack([jax.grad(loss)(params, x[i], y[i]) for i in range(4)])
+  g_mean = grads.mean(0)
+  directions = [g_mean] * 4 if sync else list(grads)
+  adv = [jax.grad(loss)(params + rho * d / jnp.linalg.norm(d), x[i], y[i])
+         for i, d in enumerate(directions)]
+  expected = (1 - alpha) * g_mean + alpha * jnp.stack(adv).mean(0)
+  np.testing.assert_allclose(out[0], expected, rtol=1e-5)

@@ -173,9 +173,11 @@ def _describe(tree: Any) -> str:
   return str(jax.tree.map(lambda x: f"{jnp.dtype(x.dtype).name}{list(x.shape)}", tree))
 
 
-def check_same_tree(name: str, tree: Any, params: Any, fix: str) -> None:
+def check_same_tree(
+    name: str, tree: Any, params: Any, fix: str, *, dtypes: bool = True
+) -> None:
   """Raises a ValueError when `tree` differs from `params` in structure, shape
-  or dtype (checked at trace time, so it costs nothing in the jitted step)."""
+  or (with `dtypes`) dtype; checked at trace time, free in the jitted step."""
   if jax.tree.structure(tree) != jax.tree.structure(params):
     raise ValueError(
         f"{name} returned a tree of another structure than params:\n"
@@ -185,7 +187,8 @@ def check_same_tree(name: str, tree: Any, params: Any, fix: str) -> None:
   for (path, x), p in zip(
       jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(params)
   ):
-    if jnp.shape(x) != jnp.shape(p) or jnp.result_type(x) != jnp.result_type(p):
+    dtype_differs = dtypes and jnp.result_type(x) != jnp.result_type(p)
+    if jnp.shape(x) != jnp.shape(p) or dtype_differs:
       raise ValueError(
           f"{name} returned {jnp.result_type(x).name}{list(jnp.shape(x))} at "
           f"{jax.tree_util.keystr(path)}, where params has "
@@ -342,6 +345,7 @@ def second_gradient_transformation(
         updates,
         params,
         f"the gradient given to {name}.update must have the tree of params",
+        dtypes=False,
     )
     hp = evaluate(hyperparams, state.count)
     g_local = upcast(updates)

@@ -265,33 +265,29 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m gnorm_optax.examples.train",
       description=__doc__.splitlines()[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   default = TrainConfig()
-  parser.add_argument("--method", choices=METHODS, default=default.method)
-  parser.add_argument("--model", choices=sorted(MODELS), default=default.model)
-  parser.add_argument("--epochs", type=int, default=default.epochs)
-  parser.add_argument("--batch-size", type=int, default=default.batch_size)
-  parser.add_argument(
-      "--lr",
-      type=float,
-      default=default.lr,
-      help="peak learning rate (default: 0.05 for SGD methods, 3e-3 for agr_*)",
-  )
-  parser.add_argument("--momentum", type=float, default=default.momentum)
-  parser.add_argument("--rho", type=float, default=default.rho)
-  parser.add_argument("--alpha", type=float, default=default.alpha)
-  parser.add_argument("--gamma", type=float, default=default.gamma)
-  parser.add_argument("--epsilon", type=float, default=default.epsilon)
-  parser.add_argument("--flood-level", type=float, default=default.flood_level)
-  parser.add_argument("--label-noise", type=float, default=default.label_noise)
-  parser.add_argument(
-      "--train-size",
-      type=int,
-      default=default.train_size,
-      help="use only this many training samples",
-  )
-  parser.add_argument("--seed", type=int, default=default.seed)
+  options = [
+      ("--method", str, METHODS, "optimizer"),
+      ("--model", str, tuple(MODELS), "architecture"),
+      ("--epochs", int, None, "passes over the training set"),
+      ("--batch-size", int, None, "mini-batch size"),
+      ("--lr", float, None, "peak learning rate (default: 0.05, 3e-3 for agr_*)"),
+      ("--momentum", float, None, "momentum of the SGD methods"),
+      ("--rho", float, None, "perturbation radius of sam and gnp"),
+      ("--alpha", float, None, "gnp's mix of clean and perturbed gradients"),
+      ("--gamma", float, None, "penalty strength of gr, fdgr and bdgr"),
+      ("--epsilon", float, None, "finite-difference step of fdgr and bdgr"),
+      ("--flood-level", float, None, "flood level of flooding"),
+      ("--label-noise", float, None, "fraction of wrong training labels"),
+      ("--train-size", int, None, "use only this many training samples (default: all)"),
+      ("--seed", int, None, "random seed"),
+  ]
+  for flag, type_, choices, help_ in options:
+    value = getattr(default, flag[2:].replace("-", "_"))
+    if value is not None:
+      help_ += " (default: %(default)s)"
+    parser.add_argument(flag, type=type_, choices=choices, default=value, help=help_)
   return parser
 
 

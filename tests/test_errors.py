@@ -1,0 +1,141 @@
+"""Bad input gets a clear error naming the argument, the value and the fix."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import gnorm_optax as gx
+
+PARAMS = {"w": jnp.ones((3,)), "b": jnp.zeros(())}
+LOSS = lambda p: jnp.sum(p["w"] ** 2) + p["b"] ** 2
+GRADS = jax.grad(LOSS)(PARAMS)
+
+SECOND_GRADIENT = [
+    lambda: gx.penalized_grad(0.05, 0.8),
+    lambda: gx.sam(0.05),
+    lambda: gx.finite_difference_gr(0.1, 0.01),
+    lambda: gx.gradient_regularization(0.1),
+    lambda: gx.sam(0.05, every_k=3),
+]
+
+
+@pytest.mark.parametrize("make", SECOND_GRADIENT)
+def test_missing_grad_fn_shows_the_fix(make):
+  tx = make()
+  with pytest.raises(ValueError, match=r"needs grad_fn.*grad_fn=lambda p: jax.grad"):
+    tx.update(GRADS, tx.init(PARAMS), PARAMS)
+
+
+@pytest.mark.parametrize("make", SECOND_GRADIENT)
+def test_missing_params_shows_the_fix(make):
+  tx = make()
+  with pytest.raises(ValueError, match=r"needs params.*tx.update\(grads, state, params"):
+    tx.update(GRADS, tx.init(PARAMS), grad_fn=jax.grad(LOSS))
+
+
+def test_missing_params_inside_chain_and_jit():
+  tx = optax.chain(gx.sam(0.05), optax.sgd(0.1))
+  state = tx.init(PARAMS)
+  step = jax.jit(lambda g, s: tx.update(g, s, grad_fn=jax.grad(LOSS)))
+  with pytest.raises(ValueError, match="needs params"):
+    step(GRADS, state)
+
+
+@pytest.mark.parametrize("make", SECOND_GRADIENT)
+def test_value_fn_is_accepted_instead_of_grad_fn(make):
+  tx = make()
+  a, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS, value_fn=LOSS)
+  b, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_fn=jax.grad(LOSS))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert jnp.allclose(x, y)
+
+
+def test_grad_fn_wins_over_value_fn():
+  tx = gx.sam(0.1)
+  other = lambda p: 3.0 * LOSS(p)
+  a, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_fn=jax.grad(LOSS),
+                   value_fn=other)
+  b, _ = tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_fn=jax.grad(LOSS))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert jnp.array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "bad_grad_fn,match",
+    [
+        (lambda p: {"w": p["w"]}, "another structure than params"),
+        (lambda p: [p["w"], p["b"]], "another structure than params"),
+        (lambda p: {"w": p["w"][:2], "b": p["b"]}, r"float32\[2\] at \['w'\]"),
+        (lambda p: {"w": p["w"].astype(jnp.bfloat16), "b": p["b"]},
+         r"bfloat16\[3\] at \['w'\].*float32\[3\]"),
+    ],
+)
+@pytest.mark.parametrize("make", SECOND_GRADIENT)
+def test_grad_fn_returning_wrong_tree(make, bad_grad_fn, match):
+  tx = make()
+  with pytest.raises(ValueError, match=match):
+    tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_fn=bad_grad_fn)
+
+
+@pytest.mark.parametrize(
+    "factory,match",
+    [
+        (lambda: gx.penalized_grad(rho=-0.1), r"rho must be >= 0.0, got -0.1"),
+        (lambda: gx.sam(rho=-1), r"rho must be >= 0.0, got -1"),
+        (lambda: gx.finite_difference_gr(gamma=-0.5, epsilon=0.01),
+         r"gamma must be >= 0.0, got -0.5"),
+        (lambda: gx.gradient_regularization(gamma=-2.0), r"gamma must be >= 0.0"),
+        (lambda: gx.finite_difference_gr(0.1, epsilon=0.0),
+         r"epsilon must be > 0.0, got 0.0; .*epsilon=0.01"),
+        (lambda: gx.finite_difference_gr(0.1, epsilon=-1e-3), r"epsilon must be > 0.0"),
+        (lambda: gx.finite_difference_gr(0.1, 0.01, scheme="centered"),
+         r"scheme must be one of 'forward', 'backward', 'central'; got 'centered'"),
+        (lambda: gx.sam(0.05, every_k=0), r"every_k must be an integer >= 1, got 0"),
+        (lambda: gx.penalized_grad(every_k=-3), r"every_k must be an integer >= 1"),
+        (lambda: gx.penalized_grad(rho=float("nan")), r"rho must be finite, got nan"),
+        (lambda: gx.penalized_grad(alpha=jnp.ones(2)), r"alpha must be a scalar"),
+        (lambda: gx.flooding(level=-1.0), r"level must be >= 0.0"),
+    ],
+)
+def test_bad_constants_fail_in_the_factory(factory, match):
+  with pytest.raises(ValueError, match=match):
+    factory()
+
+
+@pytest.mark.parametrize(
+    "factory,match",
+    [
+        (lambda: gx.penalized_grad(rho="0.05"), r"rho must be a number or a schedule"),
+        (lambda: gx.finite_difference_gr(gamma=None, epsilon=0.1),
+         r"gamma must be a number or a schedule"),
+        (lambda: gx.sam(0.05, every_k=2.5), r"every_k must be an integer"),
+    ],
+)
+def test_wrong_types_fail_in_the_factory(factory, match):
+  with pytest.raises(TypeError, match=match):
+    factory()
+
+
+def test_schedule_returning_non_scalar():
+  tx = gx.sam(lambda count: jnp.ones(2) * 0.1)
+  with pytest.raises(ValueError, match="schedule for rho must return a scalar"):
+    tx.update(GRADS, tx.init(PARAMS), PARAMS, grad_fn=jax.grad(LOSS))
+
+
+def test_flooding_needs_value():
+  tx = gx.flooding(0.1)
+  with pytest.raises(ValueError, match=r"flooding needs the loss.*value=loss"):
+    tx.update(GRADS, tx.init(PARAMS), PARAMS)
+
+
+@pytest.mark.parametrize("make", SECOND_GRADIENT + [gx.adaptive_gradient_regularization])
+def test_zero_gradients_give_finite_updates(make):
+  zero = lambda p: 0.0 * LOSS(p)
+  tx = make()
+  g = jax.grad(zero)(PARAMS)
+  kwargs = {} if make is gx.adaptive_gradient_regularization else {"grad_fn": jax.grad(zero)}
+  out, _ = tx.update(g, tx.init(PARAMS), PARAMS, **kwargs)
+  for x in jax.tree.leaves(out):
+    assert jnp.all(jnp.isfinite(x))
+    assert jnp.all(x == 0)

@@ -10,6 +10,9 @@ from gnorm_optax._src.flooding import FloodingState
 from gnorm_optax._src.flooding import flooding
 from gnorm_optax._src.penalty import penalized_grad
 from gnorm_optax._src.penalty import sam
+from gnorm_optax._src.sharpness import hessian_top_eigenvalue
+from gnorm_optax._src.sharpness import hessian_trace
+from gnorm_optax._src.sharpness import hvp
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,9 @@ __all__ = (
     "finite_difference_gr",
     "flooding",
     "gradient_regularization",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "hvp",
     "penalized_grad",
     "sam",
 )

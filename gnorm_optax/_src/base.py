@@ -226,7 +226,9 @@ def resolve_grad_fn(
         g,
         params,
         "grad_fn must return the gradient of the loss with respect to its "
-        "argument, with the tree, shapes and dtypes of params",
+        "argument, with the tree, shapes and dtypes of params (with flax.nnx, "
+        "nnx.Optimizer passes plain arrays: differentiate a loss of the plain "
+        "params with jax.grad, or return nnx.as_pure(grads))",
     )
     if axis_name is not None:
       g = jax.lax.pmean(g, axis_name)

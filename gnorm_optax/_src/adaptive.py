@@ -15,10 +15,13 @@ def _agr_leaf(g: jax.Array) -> jax.Array:
   a = jnp.abs(x)
   total = jnp.sum(a)
   safe = jnp.where(total > 0, total, jnp.ones_like(total))
-  return (x - x * a / safe).astype(g.dtype)
+  # The coefficient first: `1 - |g|/sum|g|` is in [0, 1] after rounding (the
+  # sum of non-negatives is >= each term), so no entry can change sign and a
+  # lone nonzero entry maps to exactly 0; `x - x*a/safe` could overshoot by an ulp.
+  return (x * (1 - a / safe)).astype(g.dtype)
 
 
-def adaptive_gradient_regularization() -> optax.GradientTransformation:
+def adaptive_gradient_regularization() -> optax.GradientTransformationExtraArgs:
   r"""Adaptive gradient regularization: shrink each tensor's large entries.
 
   For every leaf (tensor) `g` of the gradient,
@@ -33,7 +36,8 @@ def adaptive_gradient_regularization() -> optax.GradientTransformation:
   in front of the optimizer, as `agr_adamw` and `agr_adan` do.
 
   Returns:
-    An optax.GradientTransformation (stateless).
+    An optax.GradientTransformationExtraArgs (stateless; extra arguments such
+    as `grad_fn=` or `value=` are ignored, so it chains with anything).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -54,11 +58,11 @@ def adaptive_gradient_regularization() -> optax.GradientTransformation:
     del params
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
     return jax.tree.map(_agr_leaf, updates), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def agr_adamw(

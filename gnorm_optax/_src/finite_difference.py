@@ -160,7 +160,7 @@ def gradient_regularization(
     >>> updates, _ = tx.update(jax.grad(loss)(params), tx.init(params), params,
     ...                        grad_fn=jax.grad(loss))
     >>> print(updates.round(4))      # cos(p) - 0.1 * sin(p) * cos(p)
-    [0.8355 0.4949]
+    [0.8355 0.4948]
 
   References:
     Karakida, Takase, Hayase, Osawa, ICML 2023, https://arxiv.org/abs/2210.02720

@@ -279,3 +279,14 @@ def test_flooding_flips_sign_below_level():
   below, _ = tx.update(g, tx.init(g), value=jnp.asarray(0.3))
   np.testing.assert_array_equal(above["w"], g["w"])
   np.testing.assert_array_equal(below["w"], -g["w"])
+
+
+@pytest.mark.parametrize("ours,theirs", [(gx.agr_adamw, optax.adamw),
+                                         (gx.agr_adan, optax.adan)])
+def test_agr_aliases_have_optax_signatures_and_defaults(ours, theirs):
+  import inspect
+
+  def params(fn):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+  assert params(ours) == params(theirs)

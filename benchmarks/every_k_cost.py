@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import pathlib
 import time
 
 import jax
@@ -25,6 +24,9 @@ from flax import nnx
 
 import gnorm_optax as gx
 from gnorm_optax._src import canonical_conv
+from results_md import write_section
+
+SECTION = "## every_k: step time relative to plain SGD"
 
 
 class MLP(nnx.Module):
@@ -143,7 +145,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   rounds, steps = (2, 10) if args.small else (9, 40)
   lines = [
-      "## every_k: step time relative to plain SGD",
+      SECTION,
       "",
       f"Device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
       f"{jax.device_count()} device(s); jax {jax.__version__}. Median of "
@@ -165,9 +167,7 @@ def main(argv=None):
   text = "\n".join(lines) + "\n"
   print(text)
   if not args.no_write:
-    path = pathlib.Path(__file__).with_name("RESULTS.md")
-    header = "# Benchmark results\n\nEach table names the command that made it.\n\n"
-    path.write_text(header + text)
+    write_section(SECTION, text)
 
 
 if __name__ == "__main__":

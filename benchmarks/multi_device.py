@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 
+from results_md import write_section
+
 SECTION = "## Several devices: step time and collectives"
 COMMAND = "python benchmarks/multi_device.py"
 COLLECTIVES = (
@@ -230,20 +232,6 @@ def table(results: list[dict], rounds: int, steps: int) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_section(path: pathlib.Path, text: str) -> None:
-  """Replaces this benchmark's section of RESULTS.md, or appends it."""
-  header = "# Benchmark results\n\nEach table names the command that made it.\n\n"
-  old = path.read_text() if path.exists() else header
-  start = old.find(SECTION)
-  if start < 0:
-    new = old.rstrip("\n") + "\n\n" + text
-  else:
-    end = old.find("\n## ", start + len(SECTION))
-    rest = "" if end < 0 else old[end + 1:]
-    new = old[:start] + text + ("\n" + rest if rest else "")
-  path.write_text(new)
-
-
 def check(results: list[dict]) -> list[str]:
   """The claims of the section, as problems found (empty: all hold)."""
   problems = []
@@ -293,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
   if problems:
     raise SystemExit("unexpected collectives:\n" + "\n".join(problems))
   if not (args.small or args.no_write):
-    write_section(pathlib.Path(__file__).with_name("RESULTS.md"), text)
+    write_section(SECTION, text)
 
 
 if __name__ == "__main__":

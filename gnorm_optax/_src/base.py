@@ -12,6 +12,7 @@ non-finite guard live, and dtypes are restored.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -196,18 +197,103 @@ def check_same_tree(
       )
 
 
+def value_fn_kwargs(
+    value_fn: Callable[..., jax.Array], extra_args: Mapping[str, Any]
+) -> dict[str, Any]:
+  """The extra arguments that `value_fn` takes by name.
+
+  This is optax's line-search convention (`scale_by_backtracking_linesearch`,
+  `scale_by_zoom_linesearch`): `update(..., value_fn=fn, x=x, y=y)` evaluates
+  `fn(params, x=x, y=y)`, so one `value_fn` serves both.
+  """
+  try:
+    names = list(inspect.signature(value_fn).parameters)[1:]
+  except (TypeError, ValueError):  # No signature (some builtins): nothing.
+    return {}
+  return {k: v for k, v in extra_args.items() if k in names}
+
+
+def masked_node_paths(tree: Any) -> list[str]:
+  """Paths of the `optax.MaskedNode` leaves of `tree` (none outside `masked`)."""
+  def is_masked(x):
+    return isinstance(x, optax.MaskedNode)
+
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_masked)
+  return [jax.tree_util.keystr(path) for path, x in leaves if is_masked(x)]
+
+
+def check_full_tree(name: str, tree: Any, what: str) -> None:
+  """Raises a ValueError when `tree` is the partial tree of `optax.masked`.
+
+  `optax.masked` and `optax.partition` hand their inner transformation a tree
+  in which the other parameters are `optax.MaskedNode`s; a perturbation of
+  part of the tree cannot be passed to the user's `grad_fn`, which takes all of
+  the parameters.
+  """
+  paths = masked_node_paths(tree)
+  if paths:
+    shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+    raise ValueError(
+        f"{name} needs the full parameter tree, but its {what} has "
+        f"optax.MaskedNode leaves at {shown}: it is inside optax.masked or "
+        "optax.partition, which pass only part of the tree, while grad_fn "
+        "takes (and the perturbation moves) all of the parameters. Put "
+        f"{name} outside, first in the chain, and mask the base optimizer "
+        f"instead, e.g. optax.chain(gx.{name}(...), optax.masked(optax.sgd("
+        "0.1), mask))"
+    )
+
+
+def check_state_matches(
+    name: str, correction: Updates, params: Params
+) -> None:
+  """Raises a ValueError when `params` is not the tree the state was built for.
+
+  Only a state with an `every_k` cache records that tree; it is compared at
+  trace time (free in the jitted step).
+  """
+  fix = (
+      "re-run tx.init(params) for these params (the state was built by "
+      "tx.init for another parameter tree, e.g. before the model changed), or "
+      "restore the optimizer state saved with them"
+  )
+  if jax.tree.structure(correction) != jax.tree.structure(params):
+    raise ValueError(
+        f"{name}: params has another structure than the params the "
+        f"optimizer state (its every_k cache) was built for:\n"
+        f"  params  {jax.tree.structure(params)}\n"
+        f"  state   {jax.tree.structure(correction)}\n{fix}"
+    )
+  for (path, c), p in zip(
+      jax.tree_util.tree_leaves_with_path(correction),
+      jax.tree.leaves(params),
+      strict=True,
+  ):
+    want = compute_dtype(jnp.result_type(p))
+    if jnp.shape(c) != jnp.shape(p) or jnp.result_type(c) != want:
+      raise ValueError(
+          f"{name}: params has {jnp.result_type(p).name}"
+          f"{list(jnp.shape(p))} at {jax.tree_util.keystr(path)}, where the "
+          f"optimizer state (its every_k cache) was built for "
+          f"{list(jnp.shape(c))} with compute dtype {jnp.result_type(c).name}; "
+          f"{fix}"
+      )
+
+
 def resolve_grad_fn(
     name: str,
     params: Params | None,
     grad_fn: GradFn | None,
-    value_fn: Callable[[Params], jax.Array] | None,
+    value_fn: Callable[..., jax.Array] | None,
     axis_name: str | None,
+    extra_args: Mapping[str, Any] | None = None,
 ) -> GradFn:
   """Returns the checked gradient function of the protocol.
 
-  `grad_fn` wins over `value_fn`. The result checks, at trace time, that the
-  gradient has the tree, shapes and dtypes of `params`, and averages it over
-  `axis_name` when one is given (inside `shard_map` / `pmap`).
+  `grad_fn` wins over `value_fn`; `value_fn` also gets the `extra_args` that
+  it takes by name (see `value_fn_kwargs`). The result checks, at trace time,
+  that the gradient has the tree, shapes and dtypes of `params`, and averages
+  it over `axis_name` when one is given (inside `shard_map` / `pmap`).
   """
   if params is None:
     raise ValueError(
@@ -217,7 +303,11 @@ def resolve_grad_fn(
   if grad_fn is None and value_fn is None:
     raise ValueError(f"{name} needs grad_fn (or value_fn): {GRAD_FN_FIX}")
   source = "grad_fn" if grad_fn is not None else "jax.grad(value_fn)"
-  fn = grad_fn if grad_fn is not None else jax.grad(value_fn)
+  if grad_fn is not None:
+    fn = grad_fn
+  else:
+    kwargs = value_fn_kwargs(value_fn, extra_args or {})
+    fn = jax.grad(lambda p: value_fn(p, **kwargs))
 
   def checked(p: Params) -> Updates:
     g = fn(p)
@@ -244,8 +334,12 @@ class SecondGradientState(NamedTuple):
     count: int32 number of updates so far (indexes schedules and `every_k`).
     nonfinite_count: int32 number of steps whose extra gradient was not finite;
       on those steps the transform returned the incoming gradient unchanged.
-    correction: the cached correction (`every_k > 1` only, else None), reused
-      on the steps where the extra gradient is not recomputed.
+      (A non-finite incoming gradient makes the extra gradient non-finite
+      too, so such a step is counted as well; its update is not finite.)
+    correction: the cached correction, reused on the steps where the extra
+      gradient is not recomputed, in the compute dtype of each parameter.
+      Present when `every_k > 1`, or when `every_k` is an array (as
+      `optax.inject_hyperparams` passes it), else None.
   """
 
   count: jax.Array
@@ -300,6 +394,21 @@ def second_gradient_transformation(
   gradients per refresh). If `d` is not finite, the step returns `g` unchanged,
   caches a zero correction and increments `state.nonfinite_count`.
 
+  Faults: a non-finite extra gradient (at the perturbed point) falls back to
+  `g` as above. A non-finite *incoming* gradient `g` is not hidden: it is
+  passed through (on a refresh step the update is exactly `g`, on a reuse step
+  `g` plus the cached correction), the step is counted, and the cache is not
+  poisoned (it is reset to zero). Wrap the whole chain in
+  `optax.apply_if_finite` to skip such steps; it leaves this state untouched.
+
+  The state's structure never depends on a traced value: with `every_k` a
+  Python integer, the cache exists iff `every_k > 1`; with `every_k` an array
+  (`optax.inject_hyperparams` makes it one, concrete in `tx.init` but traced
+  under `jax.eval_shape(tx.init, params)` or `jax.jit`), the cache always
+  exists, so `tx.init` and its abstract evaluation agree and the injected
+  value can be changed later. A state with a cache remembers the parameter
+  tree it was built for; `update` with other params raises a ValueError.
+
   Args:
     name: the public name of the transform, for error messages.
     correction_fn: computes `d` (see `CorrectionFn`).
@@ -315,17 +424,19 @@ def second_gradient_transformation(
   Returns:
     An optax.GradientTransformationExtraArgs.
   """
-  # Under `optax.inject_hyperparams` every_k arrives as an array: concrete in
-  # `init` (which decides whether the state holds a cache), traced in `update`
-  # (which reads that decision back from the state's structure).
+  # The state's structure must not depend on a traced value. Under
+  # `optax.inject_hyperparams` every_k arrives as an array: concrete in
+  # `tx.init`, traced under `jax.eval_shape(tx.init, params)` (orbax's restore
+  # target), `jax.jit` and in `update`. An array every_k therefore always
+  # keeps a cache; `update` reads the decision back from the state.
   k = check_every_k(every_k)
+  keeps_cache = not isinstance(every_k, (int, np.integer)) or k > 1
 
   def init_fn(params: Params) -> SecondGradientState:
-    if k is None:
-      raise ValueError(f"every_k of {name} must be a concrete integer in init")
+    check_full_tree(name, params, "params")
     zero = jnp.zeros([], jnp.int32)
     correction = None
-    if k > 1:
+    if keeps_cache:
       correction = jax.tree.map(
           lambda p: jnp.zeros(p.shape, compute_dtype(p.dtype)), params
       )
@@ -337,11 +448,18 @@ def second_gradient_transformation(
       params: Params | None = None,
       *,
       grad_fn: GradFn | None = None,
-      value_fn: Callable[[Params], jax.Array] | None = None,
+      value_fn: Callable[..., jax.Array] | None = None,
       **extra_args: Any,
   ) -> tuple[Updates, SecondGradientState]:
-    del extra_args  # Unknown extra arguments are ignored (optax convention).
-    checked_grad_fn = resolve_grad_fn(name, params, grad_fn, value_fn, axis_name)
+    # Unknown extra arguments are ignored (optax convention), except those
+    # that value_fn takes by name (optax's line-search convention).
+    checked_grad_fn = resolve_grad_fn(
+        name, params, grad_fn, value_fn, axis_name, extra_args
+    )
+    check_full_tree(name, params, "params")
+    check_full_tree(name, updates, "updates")
+    if state.correction is not None:
+      check_state_matches(name, state.correction, params)
     check_same_tree(
         "updates",
         updates,

@@ -81,7 +81,9 @@ def finite_difference_gr(
 
   Pass `grad_fn=` (or `value_fn=`) to `update`; the transform goes first in
   `optax.chain`. With `every_k = k` the difference is recomputed on one step in
-  k and reused on the others.
+  k and reused on the others. If the extra gradient is not finite, the step
+  returns `g` and counts it in `state.nonfinite_count`; a non-finite `g` is
+  passed through, not hidden.
 
   Args:
     gamma: regularization strength (>= 0), a scalar or a schedule.
@@ -141,7 +143,8 @@ def gradient_regularization(
   with `H g` computed exactly by forward-over-reverse differentiation of
   `grad_fn` (`jax.jvp`). It is the reference that `finite_difference_gr`
   approximates; it costs about as much as two or three gradients and keeps
-  the forward-mode tangents in memory.
+  the forward-mode tangents in memory. A non-finite `H g` falls back to `g`
+  (counted in `state.nonfinite_count`); a non-finite `g` is passed through.
 
   Args:
     gamma: regularization strength (>= 0), a scalar or a schedule.

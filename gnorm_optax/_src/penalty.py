@@ -66,6 +66,10 @@ def penalized_grad(
   in `optax.chain`. With `every_k = k`, `g'` is recomputed on one step in k and
   the correction `g' - g` is reused on the others.
 
+  If `g'` is not finite, the step returns `g` and counts it in
+  `state.nonfinite_count`; a non-finite `g` is passed through, not hidden
+  (wrap the chain in `optax.apply_if_finite` to skip such steps).
+
   Args:
     rho: radius of the ascent step (>= 0), a scalar or a schedule.
     alpha: interpolation weight; the penalty weight is `alpha * rho`.
@@ -150,7 +154,9 @@ def sam(
 
   This is `penalized_grad(rho, alpha=1)`; `adaptive=True` is ASAM. Chain it in
   front of the base optimizer, e.g. `optax.chain(gx.sam(0.05), optax.sgd(0.1))`,
-  and pass `grad_fn=` (or `value_fn=`) to `update`.
+  and pass `grad_fn=` (or `value_fn=`) to `update`. A non-finite `g'` falls
+  back to `g` (counted in `state.nonfinite_count`); a non-finite `g` is passed
+  through.
 
   Args:
     rho: radius of the ascent step (>= 0), a scalar or a schedule.

@@ -1,0 +1,700 @@
+"""Reliability: faults, bad input, composition with optax wrappers, and
+float64 property tests.
+
+- Faults (every second-gradient case of the conformance list, jitted): a
+  non-finite gradient at the perturbed point falls back to the clean gradient
+  for that step and is counted; a non-finite clean gradient is passed through
+  (NaN in, NaN out) without poisoning the state; `optax.apply_if_finite`
+  around the chain skips such steps and leaves the inner state untouched.
+- Bad input: params of another tree than the state was built for; string and
+  NaN hyperparameters; use inside `optax.masked` / `optax.partition`.
+- Composition: `optax.MultiSteps` (both placements, against a hand
+  computation), `optax.clip_by_global_norm` before and after, a backtracking
+  line search sharing `value_fn`.
+- Properties over random trees mixing float64, float32 and bfloat16 leaves
+  (under `jax.enable_x64`), zero-size arrays and scalars included.
+(Checkpoints are in test_checkpoint.py.)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_conformance import CASES, loss_fn, make_params, params_sequence
+
+import gnorm_optax as gx
+
+SECOND_GRADIENT_CASES = [c for c in CASES if c.needs == "grad_fn"]
+
+
+def leaves_bitwise_equal(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.asarray(x).dtype == np.asarray(y).dtype
+      and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+      for x, y in zip(la, lb, strict=True)
+  )
+
+
+def all_finite(tree) -> bool:
+  return all(np.all(np.isfinite(np.asarray(x, np.float32)))
+             for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------
+# Faults.
+# ----------------------------------------------------------------------------
+
+
+@functools.cache
+def fault_step(case_id):
+  """Jitted `(params, grads, state, factor) -> (updates, state)`; `grad_fn`
+  multiplies the gradient of leaf "b" by `factor` (1, NaN or inf)."""
+  case = next(c for c in CASES if c.id == case_id)
+  tx = case.make(**case.hparams)
+
+  def step(params, grads, state, factor):
+    def grad_fn(p):
+      g = jax.grad(loss_fn)(p)
+      return {**g, "b": g["b"] * factor}
+
+    return tx.update(grads, state, params, grad_fn=grad_fn)
+
+  return tx, jax.jit(step)
+
+
+def run_faults(case_id, factors, grads_seq, params_seq):
+  tx, step = fault_step(case_id)
+  state = tx.init(params_seq[0])
+  outs, states = [], []
+  for params, grads, f in zip(params_seq, grads_seq, factors, strict=True):
+    u, state = step(params, grads, state, jnp.float32(f))
+    outs.append(u)
+    states.append(state)
+  return outs, states
+
+
+@pytest.mark.parametrize("case", SECOND_GRADIENT_CASES, ids=str)
+def test_faults_in_jit(case):
+  """One jitted step per case, three runs over the same 7 steps:
+
+  - reference: no fault;
+  - perturbed: the gradient at the perturbed point is NaN on step 1 and inf
+    on step 3: a refresh step then returns the clean gradient exactly and is
+    counted; with every_k=3 step 1 reuses the cache (grad_fn does not run) and
+    the cache of step 3 is reset to zero (no NaN is cached);
+  - clean: the incoming gradient has a NaN on steps 1 and 3: it comes out
+    (exactly g on a refresh step, non-finite on a reuse step), is counted on a
+    refresh step, and the state stays finite, so later steps are unaffected.
+  """
+  k = 3 if "every_k=3" in case.id else 1
+  n = 7
+  seq = params_sequence(n)
+  grads = [jax.grad(loss_fn)(p) for p in seq]
+  refreshed = {t for t in (1, 3) if t % k == 0}
+  # With every_k=3 the zero cache of the faulty refresh on step 3 is reused
+  # on steps 4 and 5 (its value there is the transform's zero-correction one).
+  unaffected = set(range(n)) - {1, 3} - ({4, 5} if k == 3 else set())
+
+  ref, _ = run_faults(case.id, [1.0] * n, grads, seq)
+  for t in range(n):
+    assert all_finite(ref[t])
+  for t in refreshed:  # the transform changes g, so the fallback is visible
+    assert not leaves_bitwise_equal(ref[t], grads[t])
+
+  # Perturbed point not finite.
+  factors = [1.0, np.nan, 1.0, np.inf, 1.0, 1.0, 1.0]
+  outs, states = run_faults(case.id, factors, grads, seq)
+  for t in range(n):
+    assert all_finite(outs[t]), t
+    assert all_finite(states[t]), t
+    if t in refreshed:
+      assert leaves_bitwise_equal(outs[t], grads[t]), t
+    elif t in unaffected or t == 1:
+      assert leaves_bitwise_equal(outs[t], ref[t]), t
+  assert int(states[-1].nonfinite_count) == len(refreshed)
+  if k == 3:
+    assert all(np.all(np.asarray(c) == 0)
+               for c in jax.tree.leaves(states[3].correction))
+
+  # Clean gradient not finite.
+  bad = list(grads)
+  for t in (1, 3):
+    bad[t] = {**grads[t], "w": grads[t]["w"].at[0, 0].set(jnp.nan)}
+  outs, states = run_faults(case.id, [1.0] * n, bad, seq)
+  for t in range(n):
+    assert all_finite(states[t]), t  # the state is not poisoned
+    if t in (1, 3):
+      assert np.isnan(outs[t]["w"][0, 0]), t  # NaN in, NaN out
+      if t in refreshed:  # passed through unchanged
+        jax.tree.map(np.testing.assert_array_equal, outs[t], bad[t])
+    elif t in unaffected:
+      assert leaves_bitwise_equal(outs[t], ref[t]), t
+    else:
+      assert all_finite(outs[t]), t
+  assert int(states[-1].nonfinite_count) == len(refreshed)
+
+
+def test_apply_if_finite_skips_steps_and_keeps_the_inner_state():
+  """`apply_if_finite(chain(sam(every_k=3), sgd))`: a NaN clean gradient gives
+  a NaN update, which apply_if_finite rejects: params, the every_k cache, the
+  counts and the momentum stay as they were, so the run equals one without
+  the bad steps. A NaN at the perturbed point is handled inside (the update is
+  finite), so apply_if_finite applies that step."""
+  tx = optax.apply_if_finite(
+      optax.chain(gx.sam(0.05, every_k=3), optax.sgd(0.05, momentum=0.9)),
+      max_consecutive_errors=3,
+  )
+
+  @jax.jit
+  def step(params, state, clean_factor, perturbed_factor):
+    grads = jax.grad(loss_fn)(params)
+    grads = {**grads, "b": grads["b"] * clean_factor}
+
+    def grad_fn(p):
+      return jax.tree.map(lambda g: g * perturbed_factor, jax.grad(loss_fn)(p))
+
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state, updates
+
+  def run(faults):
+    params = make_params()
+    state = tx.init(params)
+    history = []
+    for clean, perturbed in faults:
+      new_params, new_state, updates = step(params, state, clean, perturbed)
+      history.append((params, state, new_params, new_state, updates))
+      params, state = new_params, new_state
+    return params, state, history
+
+  ok, nan = (1.0, 1.0), (np.nan, 1.0)
+  params_a, state_a, hist = run([ok, ok, nan, nan, ok, ok, ok, ok])
+  params_b, state_b, _ = run([ok] * 6)
+  for t in (2, 3):
+    params, state, new_params, new_state, updates = hist[t]
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+    assert leaves_bitwise_equal(new_params, params)
+    assert leaves_bitwise_equal(new_state.inner_state, state.inner_state)
+    assert int(new_state.notfinite_count) == t - 1
+  inner = state_a.inner_state[0]
+  assert int(inner.count) == 6 and inner.correction is not None
+  assert int(state_a.total_notfinite) == 2
+  assert leaves_bitwise_equal(params_a, params_b)
+  assert leaves_bitwise_equal(state_a.inner_state, state_b.inner_state)
+
+  # A NaN at the perturbed point (step 3 is a refresh): handled inside.
+  _, state_c, hist = run([ok, ok, ok, (1.0, np.nan), ok])
+  assert all_finite(hist[3][4])
+  assert int(state_c.total_notfinite) == 0
+  assert int(state_c.inner_state[0].nonfinite_count) == 1
+  assert not leaves_bitwise_equal(hist[3][2], hist[3][0])  # it was applied
+
+
+# ----------------------------------------------------------------------------
+# Bad input.
+# ----------------------------------------------------------------------------
+
+PARAMS = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array(0.3)}
+
+
+def small_loss(p):
+  return sum(jnp.sum(x**4 + x**2) for x in jax.tree.leaves(p))
+
+
+CACHED = [
+    lambda: gx.penalized_grad(0.05, 0.8, every_k=3),
+    lambda: gx.finite_difference_gr(0.1, 0.01, scheme="central", every_k=2),
+    lambda: gx.gradient_regularization(0.1, every_k=2),
+]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "other,match",
+    [
+        ({**PARAMS, "c": jnp.ones(2)},
+         r"(?s)params has another structure than the params the optimizer state "
+         r"\(its every_k cache\) was built for:.*re-run tx.init\(params\)"),
+        ({**PARAMS, "w": jnp.ones(4)},
+         r"(?s)params has float32\[4\] at \['w'\], where the optimizer state "
+         r"\(its every_k cache\) was built for \[3\].*re-run tx.init\(params\)"),
+    ],
+    ids=["structure", "shape"],
+)
+@pytest.mark.parametrize("make", CACHED)
+def test_params_of_another_tree_than_the_state(make, other, match, jit):
+  tx = make()
+  state = tx.init(PARAMS)  # built for PARAMS, used with `other`
+
+  def update(g, s, p):
+    return tx.update(g, s, p, grad_fn=jax.grad(small_loss))
+
+  update = jax.jit(update) if jit else update
+  with pytest.raises(ValueError, match=match) as err:
+    update(jax.grad(small_loss)(other), state, other)
+  assert "params" in str(err.value)
+
+
+def test_params_dtype_other_than_the_state_under_x64():
+  tx = gx.sam(0.05, every_k=2)
+  state = tx.init(PARAMS)  # float32 cache
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda x: x.astype(jnp.float64), PARAMS)
+    with pytest.raises(ValueError, match=r"float64\[\] at \['b'\].*compute "
+                       r"dtype float32; re-run tx.init\(params\)"):
+      tx.update(jax.grad(small_loss)(p64), state, p64,
+                grad_fn=jax.grad(small_loss))
+
+
+def test_every_k_one_checks_grads_against_params_and_keeps_no_tree():
+  """With every_k=1 the state holds no tree: grads that differ from params
+  are caught by the grads-vs-params check, and a state built for other
+  params works (and equals a fresh one) when grads and params agree."""
+  tx = gx.sam(0.05)
+  state = tx.init(PARAMS)
+  other = {**PARAMS, "c": jnp.array([0.5, -1.0])}
+  with pytest.raises(ValueError, match=r"(?s)updates returned a tree of another "
+                     r"structure than params.*must have the tree of params"):
+    tx.update(jax.grad(small_loss)(PARAMS), state, other,
+              grad_fn=jax.grad(small_loss))
+  g = jax.grad(small_loss)(other)
+  a, _ = tx.update(g, state, other, grad_fn=jax.grad(small_loss))
+  b, _ = tx.update(g, tx.init(other), other, grad_fn=jax.grad(small_loss))
+  assert leaves_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "factory,error,match",
+    [
+        (lambda: gx.sam(rho="0.05"), TypeError, "rho must be a number or a schedule"),
+        (lambda: gx.sam(rho=float("nan")), ValueError, "rho must be finite, got nan"),
+        (lambda: gx.penalized_grad(alpha="0.8"), TypeError,
+         "alpha must be a number or a schedule"),
+        (lambda: gx.penalized_grad(alpha=float("nan")), ValueError,
+         "alpha must be finite, got nan"),
+        (lambda: gx.finite_difference_gr(gamma="0.1", epsilon=0.01), TypeError,
+         r"gamma must be a number or a schedule.*got '0.1' of type str"),
+        (lambda: gx.finite_difference_gr(gamma=float("nan"), epsilon=0.01),
+         ValueError, "gamma must be finite, got nan"),
+        (lambda: gx.finite_difference_gr(gamma=0.1, epsilon="0.01"), TypeError,
+         r"epsilon must be a number or a schedule.*got '0.01' of type str"),
+        (lambda: gx.finite_difference_gr(gamma=0.1, epsilon=float("nan")),
+         ValueError, "epsilon must be finite, got nan"),
+        (lambda: gx.finite_difference_gr(gamma=0.1, epsilon=float("inf")),
+         ValueError, "epsilon must be finite, got inf"),
+        (lambda: gx.gradient_regularization(gamma="0.1"), TypeError,
+         "gamma must be a number or a schedule"),
+        (lambda: gx.gradient_regularization(gamma=jnp.nan), ValueError,
+         "gamma must be finite, got nan"),
+        (lambda: gx.flooding(level="0.1"), TypeError,
+         "level must be a number or a schedule"),
+        (lambda: gx.flooding(level=float("nan")), ValueError,
+         "level must be finite, got nan"),
+    ],
+)
+def test_string_and_nan_hyperparameters(factory, error, match):
+  with pytest.raises(error, match=match):
+    factory()
+
+
+MASKED_MATCH = (
+    r"(?s)needs the full parameter tree, but its params has optax.MaskedNode "
+    r"leaves at \['b'\]: it is inside optax.masked or optax.partition.*Put "
+    r"\w+ outside, first in the chain, and mask the base optimizer instead"
+)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda tx: optax.masked(tx, {"w": True, "b": False}),
+        lambda tx: optax.partition({"a": tx, "f": optax.set_to_zero()},
+                                   {"w": "a", "b": "f"}),
+    ],
+    ids=["masked", "partition"],
+)
+@pytest.mark.parametrize("make", CACHED + [lambda: gx.sam(0.05)])
+def test_inside_masked_or_partition_fails_with_the_fix(make, wrap):
+  with pytest.raises(ValueError, match=MASKED_MATCH):
+    wrap(make()).init(PARAMS)
+
+
+def test_masked_tree_in_update_fails_with_the_fix():
+  """The check is in update too (for a state not made by the wrapper)."""
+  tx = gx.sam(0.05)
+  mask = {"w": True, "b": False}
+
+  def masked(t):
+    return jax.tree.map(lambda m, x: x if m else optax.MaskedNode(), mask, t)
+
+  with pytest.raises(ValueError, match=MASKED_MATCH):
+    tx.update(masked(jax.grad(small_loss)(PARAMS)), tx.init(PARAMS),
+              masked(PARAMS), grad_fn=jax.grad(small_loss))
+
+
+def test_the_fix_for_masked_works():
+  """The documented alternative: the transform first, on the full tree, and
+  the base optimizer partitioned (here: "b" frozen)."""
+  tx = optax.chain(
+      gx.sam(0.05),
+      optax.partition({"a": optax.sgd(0.1), "f": optax.set_to_zero()},
+                      {"w": "a", "b": "f"}),
+  )
+  g = jax.grad(small_loss)(PARAMS)
+  u, _ = tx.update(g, tx.init(PARAMS), PARAMS, grad_fn=jax.grad(small_loss))
+  sam_out, _ = gx.sam(0.05).update(g, gx.sam(0.05).init(PARAMS), PARAMS,
+                                   grad_fn=jax.grad(small_loss))
+  assert float(u["b"]) == 0.0
+  np.testing.assert_allclose(u["w"], -0.1 * sam_out["w"], rtol=1e-6)
+  assert not np.allclose(sam_out["w"], g["w"])
+
+
+def data_loss(p, x, y):
+  return jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2) + 0.01 * jnp.sum(p["w"]**2)
+
+
+DATA = (jax.random.normal(jax.random.key(0), (16, 3)),
+        jax.random.normal(jax.random.key(1), (16,)))
+
+
+@pytest.mark.parametrize("make", CACHED + [lambda: gx.sam(0.05)])
+def test_value_fn_gets_the_extra_args_it_names(make):
+  """optax's line-search convention: `value_fn=fn, x=x, y=y` evaluates
+  `fn(params, x=x, y=y)`; arguments that fn does not name are ignored."""
+  x, y = DATA
+  tx = make()
+  g = jax.grad(data_loss)(PARAMS, x, y)
+  a, _ = tx.update(g, tx.init(PARAMS), PARAMS, value_fn=data_loss, x=x, y=y,
+                   value=data_loss(PARAMS, x, y), grad=g, unused=1)
+  b, _ = tx.update(g, tx.init(PARAMS), PARAMS,
+                   grad_fn=lambda p: jax.grad(data_loss)(p, x, y))
+  assert leaves_bitwise_equal(a, b)
+  assert not leaves_bitwise_equal(a, g)
+
+
+# ----------------------------------------------------------------------------
+# Composition.
+# ----------------------------------------------------------------------------
+
+
+def shifted_loss(p, x):
+  return small_loss(jax.tree.map(lambda a: a - x, p))
+
+
+def sam_by_hand(direction, p, x, rho):
+  """The gradient of `shifted_loss(., x)` at `p + rho * direction / |direction|`."""
+  norm = optax.tree.norm(direction)
+  return jax.grad(shifted_loss)(
+      jax.tree.map(lambda a, d: a + rho * d / norm, p, direction), x)
+
+
+def micro_stepper(tx):
+  """Jitted `(params, state, x) -> (updates, state)` on micro-batch `x`."""
+
+  @jax.jit
+  def step(p, state, x):
+    return tx.update(jax.grad(shifted_loss)(p, x), state, p,
+                     grad_fn=lambda q: jax.grad(shifted_loss)(q, x))
+
+  return step
+
+
+MICRO_BATCHES = [0.2, -0.3, 0.1, 0.4]  # two updates of k=2 micro-batches
+
+
+def test_multisteps_around_the_chain():
+  """`MultiSteps(chain(sam, sgd), k)`: the inner chain sees the running mean
+  of the micro-batch gradients; on the k-th micro-step its update is kept:
+  SAM perturbs along the mean gradient of the k micro-batches, and takes g'
+  from that last call's grad_fn (the last micro-batch)."""
+  rho, lr = 0.1, 0.05
+  tx = optax.MultiSteps(optax.chain(gx.sam(rho), optax.sgd(lr)),
+                        every_k_schedule=2)
+  step = micro_stepper(tx)
+  p, state = PARAMS, tx.init(PARAMS)
+  for n in range(2):
+    x0, x1 = MICRO_BATCHES[2 * n: 2 * n + 2]
+    u0, state = step(p, state, jnp.float32(x0))
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(u0))
+    u1, state = step(p, state, jnp.float32(x1))
+    gs = [jax.grad(shifted_loss)(p, jnp.float32(x)) for x in (x0, x1)]
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, *gs)
+    want = jax.tree.map(lambda g: -lr * g,
+                        sam_by_hand(mean, p, jnp.float32(x1), rho))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u1, want)
+    assert int(state.inner_opt_state[0].count) == n + 1  # one per k micro-steps
+    p = optax.apply_updates(p, u1)
+
+
+def test_multisteps_after_the_transform():
+  """`chain(sam, MultiSteps(sgd, k))`: every micro-step perturbs with its own
+  micro-batch's gradient and grad_fn; the mean of the k SAM gradients is
+  applied on the k-th micro-step."""
+  rho, lr = 0.1, 0.05
+  tx = optax.chain(
+      gx.sam(rho), optax.MultiSteps(optax.sgd(lr), 2).gradient_transformation())
+  step = micro_stepper(tx)
+  p, state = PARAMS, tx.init(PARAMS)
+  for n in range(2):
+    xs = [jnp.float32(x) for x in MICRO_BATCHES[2 * n: 2 * n + 2]]
+    u0, state = step(p, state, xs[0])
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(u0))
+    u1, state = step(p, state, xs[1])
+    per_batch = [sam_by_hand(jax.grad(shifted_loss)(p, x), p, x, rho) for x in xs]
+    want = jax.tree.map(lambda a, b: -lr * (a + b) / 2, *per_batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u1, want)
+    assert int(state[0].count) == 2 * (n + 1)  # one per micro-step
+    p = optax.apply_updates(p, u1)
+
+
+BIG = jax.tree.map(lambda x: 3.0 * x, PARAMS)  # |grad| ~ 440: clipping acts
+
+
+def test_clip_before_clips_the_gradient_that_defines_the_perturbation():
+  """`chain(clip_by_global_norm(1), finite_difference_gr, ...)`: the
+  perturbation steps along the clipped g; the gradient that grad_fn returns
+  at the perturbed point is not clipped."""
+  gamma, eps, max_norm = 0.1, 0.01, 1.0
+  points = []
+
+  def grad_fn(p):  # eager: records where it is evaluated
+    points.append(p)
+    return jax.grad(small_loss)(p)
+
+  tx = optax.chain(optax.clip_by_global_norm(max_norm),
+                   gx.finite_difference_gr(gamma, eps))
+  g = jax.grad(small_loss)(BIG)
+  assert float(optax.tree.norm(g)) > 10 * max_norm
+  u, _ = tx.update(g, tx.init(BIG), BIG, grad_fn=grad_fn)
+  gc = jax.tree.map(lambda x: x * max_norm / optax.tree.norm(g), g)
+  want_point = jax.tree.map(lambda p, d: p + eps * d, BIG, gc)
+  (point,) = points
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               point, want_point)
+  g_at = jax.grad(small_loss)(want_point)  # not clipped
+  assert float(optax.tree.norm(g_at)) > 10 * max_norm
+  want = jax.tree.map(lambda c, h: c + gamma / eps * (h - c), gc, g_at)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4), u, want)
+
+  # SAM's perturbation is normalized: clipping g first does not move it, and
+  # the SAM gradient itself is not clipped.
+  sam_clipped = optax.chain(optax.clip_by_global_norm(max_norm), gx.sam(0.05))
+  u, _ = sam_clipped.update(g, sam_clipped.init(BIG), BIG,
+                            grad_fn=jax.grad(small_loss))
+  want = sam_by_hand(g, BIG, 0.0, 0.05)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u, want)
+  assert float(optax.tree.norm(u)) > 10 * max_norm
+
+
+def test_clip_before_one_sided_differences_mix_clipped_and_unclipped():
+  """Why the transform goes first: with clipping active before it, the
+  one-sided schemes difference the clipped g against an unclipped gradient,
+  which is no estimate of H g; the central scheme (two perturbed gradients)
+  still is."""
+  gamma, eps, max_norm = 0.01, 1e-3, 1.0
+  g = jax.grad(small_loss)(BIG)
+  gc = jax.tree.map(lambda x: x * max_norm / optax.tree.norm(g), g)
+  _, hgc = jax.jvp(jax.grad(small_loss), (BIG,), (gc,))
+  exact = jax.tree.map(lambda c, h: c + gamma * h, gc, hgc)
+  err = {}
+  for scheme in ("forward", "central"):
+    tx = optax.chain(optax.clip_by_global_norm(max_norm),
+                     gx.finite_difference_gr(gamma, eps, scheme=scheme))
+    u, _ = tx.update(g, tx.init(BIG), BIG, grad_fn=jax.grad(small_loss))
+    diff = jax.tree.map(jnp.subtract, u, exact)
+    err[scheme] = float(optax.tree.norm(diff) / optax.tree.norm(exact))
+  assert err["central"] < 1e-2, err
+  assert err["forward"] > 10, err
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gx.penalized_grad(0.05, 0.8),
+    lambda: gx.sam(0.05, every_k=2),
+    lambda: gx.finite_difference_gr(0.01, 0.001, scheme="backward"),
+    lambda: gx.gradient_regularization(0.01),
+])
+def test_clip_before_and_after_give_finite_results(make):
+  max_norm = 1.0
+  before = optax.chain(optax.clip_by_global_norm(max_norm), make(), optax.sgd(1e-3))
+  after = optax.chain(make(), optax.clip_by_global_norm(max_norm), optax.sgd(1.0))
+  g = jax.grad(small_loss)(BIG)
+  u, _ = before.update(g, before.init(BIG), BIG, grad_fn=jax.grad(small_loss))
+  assert all_finite(u)
+  p, state = BIG, after.init(BIG)
+  for _ in range(3):
+    u, state = after.update(jax.grad(small_loss)(p), state, p,
+                            grad_fn=jax.grad(small_loss))
+    assert all_finite(u)
+    # sgd(1.0) after the clip: |update| <= max_norm.
+    assert float(optax.tree.norm(u)) <= max_norm * (1 + 1e-5)
+    p = optax.apply_updates(p, u)
+  assert float(small_loss(p)) < 0.5 * float(small_loss(BIG))
+
+
+def test_backtracking_linesearch_shares_value_fn():
+  """`chain(sam, sgd(1), scale_by_backtracking_linesearch)` with optax's
+  calling convention (`value`, `grad`, `value_fn`, and the batch as keyword
+  arguments of value_fn): SAM differentiates value_fn at the perturbed point,
+  the line search evaluates it along the SAM direction; the loss decreases on
+  every step."""
+  x, y = DATA
+  tx = optax.chain(
+      gx.sam(0.05), optax.sgd(1.0),
+      optax.scale_by_backtracking_linesearch(max_backtracking_steps=15))
+
+  @jax.jit
+  def step(p, state):
+    value, grad = jax.value_and_grad(data_loss)(p, x, y)
+    u, state = tx.update(grad, state, p, value=value, grad=grad,
+                         value_fn=data_loss, x=x, y=y)
+    return optax.apply_updates(p, u), state, value
+
+  p, state = PARAMS, tx.init(PARAMS)
+  values = []
+  for _ in range(10):
+    p, state, value = step(p, state)
+    values.append(float(value))
+  values.append(float(data_loss(p, x, y)))
+  assert all(b < a for a, b in zip(values, values[1:], strict=False)), values
+  assert values[-1] < 0.75 * values[0], values
+  assert int(state[0].count) == 10
+
+  # The line search rejects keyword arguments that its value_fn does not take,
+  # grad_fn included: with a line search, pass value_fn, not grad_fn.
+  grad = jax.grad(data_loss)(p, x, y)
+  with pytest.raises(TypeError, match=r"not consumed by `value_fn`: \['grad_fn'\]"):
+    tx.update(grad, state, p, value=data_loss(p, x, y), grad=grad,
+              value_fn=data_loss, x=x, y=y,
+              grad_fn=lambda q: jax.grad(data_loss)(q, x, y))
+
+
+# ----------------------------------------------------------------------------
+# Properties over trees that mix float64, float32 and bfloat16 leaves.
+# ----------------------------------------------------------------------------
+
+# One case per code path (eager, so each new tree compiles its kernels; the
+# float32/bfloat16 properties of every case are in test_properties.py).
+X64_CASES = [c for c in CASES if c.id in {
+    "penalized_grad-normalize_clean", "sam-adaptive",
+    "finite_difference_gr-forward", "finite_difference_gr-central",
+    "gradient_regularization", "flooding", "adaptive_gradient_regularization",
+    "agr_adamw"}]
+SHAPES = [(), (3,), (0,)]
+DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16}
+
+_leaf = st.fixed_dictionaries({
+    "shape": st.sampled_from(SHAPES),
+    "dtype": st.sampled_from(["f64", "f64", "f32", "bf16"]),
+    "zero": st.sampled_from([False, False, False, True]),
+})
+
+
+def _containers(children):
+  lists = st.lists(children, min_size=1, max_size=3)
+  return st.one_of(lists, lists.map(tuple),
+                   st.dictionaries(st.sampled_from("abc"), children,
+                                   min_size=1, max_size=3))
+
+
+def _is_spec(x):
+  return isinstance(x, dict) and "dtype" in x
+
+
+trees = st.tuples(st.recursive(_leaf, _containers, max_leaves=5),
+                  st.integers(0, 2**32 - 1))
+
+
+def x64_problem(spec_and_seed):
+  """Inside `jax.enable_x64`: params and a quartic loss computed in each
+  leaf's compute dtype (float64 for float64 leaves)."""
+  spec, seed = spec_and_seed
+  rng = np.random.default_rng(seed)
+
+  def leaf(s):
+    x = np.zeros(s["shape"]) if s["zero"] else rng.normal(size=s["shape"])
+    return jnp.asarray(x, DTYPES[s["dtype"]])
+
+  params = jax.tree.map(leaf, spec, is_leaf=_is_spec)
+
+  def loss(p):
+    terms = [jnp.sum(0.5 * y**2 + 0.25 * y**4)
+             for y in (x.astype(jnp.promote_types(x.dtype, jnp.float32))
+                       for x in jax.tree.leaves(p))]
+    return sum(terms, jnp.zeros((), jnp.float64))
+
+  return params, loss
+
+
+def kwargs_for(case, loss, params):
+  if case.needs == "grad_fn":
+    return {"grad_fn": jax.grad(loss)}
+  return {"value": loss(params)} if case.needs == "value" else {}
+
+
+IDENTITIES = {  # each returns g exactly
+    "alpha=0": lambda: gx.penalized_grad(0.05, 0.0),
+    "rho=0": lambda: gx.penalized_grad(0.0, 0.8, adaptive=True),
+    "fd gamma=0": lambda: gx.finite_difference_gr(0.0, 0.01, scheme="central"),
+    "gr gamma=0": lambda: gx.gradient_regularization(0.0),
+}
+
+
+# One test for all float64 properties: the eager kernels that a tree's shapes
+# and dtypes need are compiled once per process, so they are shared.
+@settings(max_examples=10, deadline=None)
+@given(trees, st.booleans(), st.sampled_from(list(IDENTITIES)),
+       st.floats(0.01, 100.0).flatmap(lambda c: st.sampled_from([c, -c])))
+def test_float64_mixes(spec, zero_grads, identity, c):
+  """Trees mixing float64, float32 and bfloat16 leaves (scalars and zero-size
+  arrays included), under jax.enable_x64:
+
+  - every code path keeps the tree, shapes and dtypes, and finite inputs
+    (some or all gradients zero) give finite updates;
+  - `alpha=0`, `rho=0` (penalized_grad) and `gamma=0` (finite differences,
+    exact GR) return g exactly;
+  - AGR is scale-equivariant on float64 leaves to float64 precision.
+  """
+  assert len(X64_CASES) == 8
+  with jax.enable_x64(True):
+    params, loss = x64_problem(spec)
+    want = [DTYPES[s["dtype"]] for s in jax.tree.leaves(spec[0], is_leaf=_is_spec)]
+    assert [x.dtype for x in jax.tree.leaves(params)] == want  # x64 is on
+    grads = jax.grad(loss)(params)
+
+    tx = IDENTITIES[identity]()
+    updates, state = tx.update(grads, tx.init(params), params,
+                               grad_fn=jax.grad(loss))
+    for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True):
+      assert u.dtype == g.dtype and u.shape == g.shape, identity
+      np.testing.assert_array_equal(np.asarray(u, np.float64),
+                                    np.asarray(g, np.float64))
+    assert int(state.nonfinite_count) == 0
+
+    f64 = [g for g in jax.tree.leaves(grads) if g.dtype == jnp.float64]
+    agr = gx.adaptive_gradient_regularization()
+    plain, _ = agr.update(f64, agr.init(f64))
+    scaled, _ = agr.update([c * g for g in f64], agr.init(f64))
+    for s, p, g in zip(scaled, plain, f64, strict=True):
+      assert s.dtype == jnp.float64
+      big = float(np.max(np.abs(np.asarray(g)), initial=0.0))
+      np.testing.assert_allclose(s, c * np.asarray(p), rtol=1e-12,
+                                 atol=1e-14 * abs(c) * big)
+
+    if zero_grads:
+      grads = jax.tree.map(jnp.zeros_like, grads)
+    for case in X64_CASES:
+      tx = case.make(**case.hparams)
+      updates, _ = tx.update(grads, tx.init(params), params,
+                             **kwargs_for(case, loss, params))
+      assert jax.tree.structure(updates) == jax.tree.structure(params), case.id
+      for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads),
+                      strict=True):
+        assert u.dtype == g.dtype and u.shape == g.shape, case.id
+        assert np.all(np.isfinite(np.asarray(u, np.float64))), case.id

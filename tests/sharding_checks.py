@@ -31,13 +31,11 @@ compilations few, each group traces all of them into one jitted program.
   single-device run (synchronized) or a per-shard replay with the cached
   correction (m-sharpness), for an MLP and for a CNN (whose convolutions the
   library rewrites inside the `cond` on XLA:CPU; with `check_vma=True`).
-* `known_bugs` (xfail in `tests/test_sharding.py`), both under `shard_map`
-  with `check_vma=True` (JAX's default): `gradient_regularization` fails in
-  `jax.jvp` when the params are varying; and when they are not, JAX has
-  already reduced the gradient of replicated params over the axis (the
+* `reduced`: under `shard_map` with `check_vma=True` (JAX's default) and
+  replicated params, JAX has already reduced the gradient over the axis (the
   transpose of the implicit broadcast is a `psum`), so there is no local
-  gradient to average or to perturb with, and the transforms return a wrong
-  update instead of an error.
+  gradient to average or to perturb with: the transform must raise a
+  ValueError naming `axis_name` rather than return a wrong update.
 """
 
 from __future__ import annotations
@@ -428,11 +426,6 @@ def pmap_updates(txs, loss, params, x, y):
   return jax.tree.map(lambda a: a[0], out)
 
 
-# Known bug (see GROUPS["known_bugs"]): under check_vma=True the exact
-# regularizer's jax.jvp fails, so it is left out of that program.
-VMA_BROKEN = ("gradient_regularization sync",)
-
-
 @once
 def mapped_problem():
   params, ((x, y),) = mlp_params(), batches(1)
@@ -458,8 +451,6 @@ def mapped_run(how: str) -> dict:
          for k, (n, sync) in mapped_variants().items()}
   if how == "pmap":
     return pmap_updates(txs, mlp_loss, params, x, y)
-  if how == "shard_map check_vma":
-    txs = {k: v for k, v in txs.items() if k not in VMA_BROKEN}
   return shard_map_updates(
       txs, mlp_loss, params, x, y, check_vma=how == "shard_map check_vma")
 
@@ -583,28 +574,8 @@ def check_every_k_shard_map(model: str, mode: str) -> float:
 
 
 # ----------------------------------------------------------------------------
-# Known bugs (xfail in tests/test_sharding.py): shard_map with check_vma=True.
+# shard_map with check_vma=True and replicated params: an error, not a result.
 # ----------------------------------------------------------------------------
-
-
-def check_gr_vma() -> float:
-  """gradient_regularization inside shard_map(check_vma=True), params varying.
-
-  `hessian_direction` calls `jax.jvp(grad_fn, (params,), (direction,))` with
-  varying params (the local-gradient recipe) and the averaged, invariant
-  direction; JAX does not cast the tangent to the primal's varying axes and
-  the jvp of a two-layer network fails in `dot_general` ("requires varying
-  manual axes to match"). Casting the tangent first
-  (`jax.lax.pcast(direction, missing_axes, to="varying")`) fixes it.
-  """
-  variant = "gradient_regularization sync"
-  name, sync = mapped_variants()[variant]
-  _, kind, hp = TRANSFORMS[name]
-  params, x, y, reference = mapped_problem()
-  txs = {variant: TRANSFORMS[name][0](axis_name="data")}
-  out = shard_map_updates(txs, mlp_loss, params, x, y, check_vma=True)[variant]
-  expected, _ = reference.update(kind, hp, sync)
-  return assert_close(flat(out), expected, f"{variant}: check_vma vs per-shard")
 
 
 def check_vma_reduced(case: str) -> float:
@@ -616,10 +587,9 @@ def check_vma_reduced(case: str) -> float:
   8x the single-device one. `pmean_loss`, with `sync_perturbation=False`: the
   gradient is the global mean, no device has its own, and the transform
   silently takes the synchronized perturbation instead of m-sharpness.
-  Either way the transform cannot do what `axis_name` promises; it should
-  raise a ValueError that names `axis_name` at trace time (the gradient is
-  invariant over the axis: `axis_name not in jax.typeof(g).vma` while
-  `jax.lax.axis_index(axis_name)` is varying) instead of a wrong update.
+  Either way the transform cannot do what `axis_name` promises, so it raises
+  a ValueError that names `axis_name` at trace time (the gradient is
+  invariant over the axis while `jax.lax.axis_index(axis_name)` varies).
   """
   sync = case == "local_loss"
   txs = {"sam": gx.sam(0.1, axis_name="data", sync_perturbation=sync)}
@@ -660,7 +630,7 @@ GROUPS: dict[str, dict[str, Callable[[], float]]] = {
         **{f"shard_map {k}": v for k, v in each(
             mapped_variants(), functools.partial(check_mapped, "shard_map")).items()},
         **{f"shard_map check_vma {k}": v for k, v in each(
-            [k for k in mapped_variants() if k not in VMA_BROKEN],
+            mapped_variants(),
             functools.partial(check_mapped, "shard_map check_vma")).items()},
         **{f"pmap {k}": v for k, v in each(
             mapped_variants(), functools.partial(check_mapped, "pmap")).items()},
@@ -672,8 +642,7 @@ GROUPS: dict[str, dict[str, Callable[[], float]]] = {
             check_every_k_shard_map, model, mode)
            for model in ("mlp", "cnn") for mode in ("sync", "local")},
     },
-    "known_bugs": {
-        "gradient_regularization check_vma": check_gr_vma,
+    "reduced": {
         **{f"reduced gradient {case}": functools.partial(check_vma_reduced, case)
            for case in ("local_loss", "pmean_loss")},
     },

@@ -87,27 +87,9 @@ def test_every_k_under_sharding():
   assert_all_passed("every_k")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: hessian_direction (finite_difference.py) calls jax.jvp with "
-    "varying params and an invariant tangent (the averaged g); under "
-    "shard_map(check_vma=True) JAX then fails in dot_general ('requires "
-    "varying manual axes to match'). Fix: pcast the tangent to the params' "
-    "varying axes before jax.jvp."))
-def test_gradient_regularization_under_shard_map_check_vma():
-  result = group_results("known_bugs")["gradient_regularization check_vma"]
-  assert result["ok"], result["message"]
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "library gap: inside shard_map(check_vma=True), JAX's default, jax.grad of "
-    "replicated params is already reduced over the axis (psum). The "
-    "transform's pmean is then a no-op: a local loss gives 8x the update, and "
-    "sync_perturbation=False silently does the synchronized perturbation. It "
-    "should raise a ValueError naming axis_name (the gradient is invariant "
-    "over the axis)."))
 @pytest.mark.parametrize("case", ["local_loss", "pmean_loss"])
 def test_gradient_already_reduced_by_shard_map_is_rejected(case):
-  result = group_results("known_bugs")[f"reduced gradient {case}"]
+  result = group_results("reduced")[f"reduced gradient {case}"]
   assert result["ok"], result["message"]
 
 

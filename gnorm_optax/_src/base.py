@@ -280,6 +280,56 @@ def check_state_matches(
       )
 
 
+def varying_axes(x: Any) -> frozenset:
+  """The mesh axes over which `x` varies inside `shard_map` (empty elsewhere).
+
+  Only tracked when `shard_map` checks them (`check_vma=True`, its default).
+  """
+  aval = jax.typeof(x)
+  axes = getattr(aval, "vma", None)  # jax < 0.9
+  if axes is None:
+    axes = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+  return frozenset(axes)
+
+
+def match_varying(x: Any, like: Any) -> Any:
+  """Casts `x` to vary over the axes that `like` varies over (leaf by leaf).
+
+  Needed where an averaged (invariant) value meets per-device values in one
+  primitive, e.g. the tangent of `jax.jvp` at varying parameters.
+  """
+
+  def one(a, b):
+    missing = tuple(sorted(varying_axes(b) - varying_axes(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+  return jax.tree.map(one, x, like)
+
+
+def check_not_reduced(name: str, axis_name: Any, updates: Updates) -> None:
+  """Raises a ValueError when `shard_map` has already reduced the gradient.
+
+  Inside `shard_map` with `check_vma=True`, `jax.grad` with respect to
+  replicated (invariant) parameters returns the gradient already summed over
+  the axis. There is then no local gradient to average or to perturb with, and
+  averaging again would leave a gradient `axis_size` times too large.
+  """
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  if not set(names) <= varying_axes(jax.lax.axis_index(axis_name)):
+    return  # The axis is not checked (check_vma=False, pmap): nothing to see.
+  reduced = [x for x in jax.tree.leaves(updates) if not set(names) <= varying_axes(x)]
+  if reduced:
+    raise ValueError(
+        f"{name}(axis_name={axis_name!r}) got a gradient that does not vary over "
+        f"{axis_name!r}: inside shard_map(check_vma=True), jax.grad with respect "
+        "to replicated params already sums it over the axis, so there is no "
+        "local gradient to average or perturb with. Make the params vary "
+        f"before differentiating, p = jax.lax.pcast(params, {axis_name!r}, "
+        "to='varying'), or use shard_map(..., check_vma=False); under plain "
+        "jax.jit with sharded arrays, drop axis_name"
+    )
+
+
 def resolve_grad_fn(
     name: str,
     params: Params | None,
@@ -467,6 +517,8 @@ def second_gradient_transformation(
         f"the gradient given to {name}.update must have the tree of params",
         dtypes=False,
     )
+    if axis_name is not None:
+      check_not_reduced(name, axis_name, updates)
     hp = evaluate(hyperparams, state.count)
     g_local = upcast(updates)
     g = g_local if axis_name is None else jax.lax.pmean(g_local, axis_name)

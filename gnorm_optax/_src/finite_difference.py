@@ -23,7 +23,8 @@ def hessian_direction(grad_fn, direction, g, params, epsilon, scheme):
   schemes, difference against the clean gradient `g` (no third gradient).
   """
   if scheme == "exact":
-    _, hd = jax.jvp(grad_fn, (params,), (base.cast_like(direction, params),))
+    tangent = base.match_varying(base.cast_like(direction, params), params)
+    _, hd = jax.jvp(grad_fn, (params,), (tangent,))
     return base.upcast(hd)
   grad_at = lambda s: base.upcast(grad_fn(_shifted(params, direction, s)))
   if scheme == "forward":

@@ -170,10 +170,6 @@ def evaluate(
 # ----------------------------------------------------------------------------
 
 
-def _describe(tree: Any) -> str:
-  return str(jax.tree.map(lambda x: f"{jnp.dtype(x.dtype).name}{list(x.shape)}", tree))
-
-
 def check_same_tree(
     name: str, tree: Any, params: Any, fix: str, *, dtypes: bool = True
 ) -> None:

@@ -1,11 +1,13 @@
-"""Tests of the digits example: data, models, NNX train step and CLI."""
+"""Tests of the example: data, models, NNX train step, runs, summary and CLI."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -42,10 +44,9 @@ def test_load_digits_shapes_dtypes_and_range():
 
 
 def test_load_digits_is_deterministic_given_seed():
-  a, b = data.load_digits(label_noise=0.3, seed=7), data.load_digits(
-      label_noise=0.3, seed=7
-  )
-  for left, right in zip(a, b):
+  a = data.load_digits(label_noise=0.3, seed=7)
+  b = data.load_digits(label_noise=0.3, seed=7)
+  for left, right in zip(a, b, strict=True):
     np.testing.assert_array_equal(left, right)
   c = data.load_digits(label_noise=0.3, seed=8)
   assert not np.array_equal(a.x_test, c.x_test)
@@ -97,53 +98,82 @@ def test_iterate_batches_drops_the_remainder_and_reshuffles():
 
 
 # ----------------------------------------------------------------------------
-# Models and the train step.
+# Models.
 # ----------------------------------------------------------------------------
 
+IMAGE_SHAPES = [(8, 8, 1), (28, 28, 1), (32, 32, 3)]
 
+# A jitted forward pass: one compilation is much faster than eager ops, and
+# like an eager call it writes BatchNorm statistics and RNG counters back.
+_forward = nnx.jit(lambda model, x: model(x))
+
+
+@pytest.mark.parametrize("in_shape", IMAGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", sorted(models.MODELS))
-def test_models_map_images_to_logits(name):
-  model = models.make_model(name, seed=0)
-  x, _ = _batch(5)
-  logits = model(x)
-  assert logits.shape == (5, data.NUM_CLASSES)
+def test_models_map_images_to_logits(name, in_shape):
+  model = models.make_model(name, seed=0, in_shape=in_shape, num_classes=7)
+  x = jax.random.uniform(jax.random.key(0), (3, *in_shape))
+  # Training mode: shapes only (tracing is enough, and much cheaper).
+  model.train()
+  graphdef, state = nnx.split(model)
+  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, x)
+  assert out.shape == (3, 7)
+  # Evaluation mode: the values too.
+  model.eval()
+  logits = _forward(model, x)
+  assert logits.shape == (3, 7)
   assert jnp.all(jnp.isfinite(logits))
-  assert 1_000 < models.count_params(model) < 50_000
+  assert 1_000 < models.count_params(model) < 250_000
+
+
+def test_make_model_defaults_to_digits():
+  model = models.make_model("cnn")
+  x, _ = _batch(5)
+  assert _forward(model, x).shape == (5, data.NUM_CLASSES)
 
 
 def test_make_model_rejects_unknown_name():
   with pytest.raises(ValueError, match="choose from"):
-    models.make_model("resnet")
+    models.make_model("transformer")
 
 
-def test_make_grad_fn_is_the_gradient_at_its_argument_and_pure():
-  model = models.make_model("cnn", seed=0)
-  x, y = _batch()
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
-  grad_fn = jax.jit(train.make_grad_fn(model, x, y))
-  nnx_grad = nnx.jit(nnx.grad(train.loss_fn))
+def test_vit_patch_size_follows_the_image_size():
+  assert [models.default_patch(s) for s in IMAGE_SHAPES] == [2, 4, 4]
+  with pytest.raises(ValueError, match="patch must divide"):
+    models.ViT((10, 10, 1), patch=4, rngs=nnx.Rngs(0))
 
-  # At the model's own parameters: the ordinary NNX gradient.
-  expected = nnx.as_pure(nnx_grad(model, x, y))
-  jax.tree.map(np.testing.assert_allclose, grad_fn(params), expected)
 
-  # At other parameters: the gradient of a model holding those parameters,
-  # and the original model is left untouched.
-  shifted = jax.tree.map(lambda p: p + 0.1, params)
-  other = models.make_model("cnn", seed=0)
-  nnx.update(other, shifted)
-  expected = nnx.as_pure(nnx_grad(other, x, y))
-  got = grad_fn(shifted)
-  jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-      got,
-      expected,
-  )
-  jax.tree.map(
-      np.testing.assert_array_equal,
-      nnx.as_pure(nnx.state(model, nnx.Param)),
-      params,
-  )
+def _non_params(model: nnx.Module) -> list[np.ndarray]:
+  state = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
+  return [
+      np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                 else x)
+      for x in jax.tree.leaves(state)
+  ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_eval_mode_is_deterministic_and_stateless(name):
+  model = models.make_model(name, seed=0)
+  x, _ = _batch(8)
+  model.train()
+  before = _non_params(model)
+  train_logits = [_forward(model, x), _forward(model, x)]
+  # Training mode moves BatchNorm statistics / the dropout stream ...
+  after = _non_params(model)
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+  if name == "vit":  # ... and dropout draws a new mask on every call.
+    assert not np.allclose(*train_logits)
+  model.eval()
+  before = _non_params(model)
+  np.testing.assert_array_equal(_forward(model, x), _forward(model, x))
+  for a, b in zip(before, _non_params(model), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# The train step.
+# ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["sgd", "sam", "gnp", "fdgr", "flooding"])
@@ -193,6 +223,18 @@ def test_second_gradient_methods_change_the_step():
   assert max(jax.tree.leaves(diffs)) > 1e-4
 
 
+def test_sam_step_keeps_the_batchnorm_statistics_of_the_clean_pass():
+  """The perturbed pass of SAM leaves no trace in the BatchNorm statistics."""
+  model = models.make_model("resnet", seed=0)
+  clean = nnx.clone(model)
+  x, y = _batch()
+  tx = train.make_optimizer("sam", lr=0.1, steps=10, rho=0.5)
+  train.train_step(model, nnx.Optimizer(model, tx, wrt=nnx.Param), x, y)
+  _forward(clean, x)  # one pass in training mode: what the statistics should be
+  for a, b in zip(_non_params(model), _non_params(clean), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_make_optimizer_rejects_unknown_method():
   with pytest.raises(ValueError, match="unknown method"):
     train.make_optimizer("adam", lr=0.1, steps=10)
@@ -202,25 +244,145 @@ def test_make_optimizer_rejects_unknown_method():
 # Training runs.
 # ----------------------------------------------------------------------------
 
+# One-epoch runs on 64 samples without the Hessian diagnostic. Compiling the
+# train step dominates the cost, so the two large models run `gr` only: its
+# forward-over-reverse pass through `grad_fn` (BatchNorm in training mode,
+# dropout, attention) covers the gradient at other parameters that sam, gnp,
+# fdgr and bdgr take, and the other methods only see the gradient. ResNet
+# with SAM also runs in the BatchNorm test above.
+SMOKE_CASES = [
+    *((model, method) for model in ("mlp", "cnn") for method in train.METHODS),
+    ("resnet", "gr"),
+    ("vit", "gr"),
+]
 
-@pytest.mark.parametrize("model", sorted(models.MODELS))
-@pytest.mark.parametrize("method", train.METHODS)
-def test_every_method_trains_one_epoch(method, model):
+
+@pytest.mark.parametrize("model, method", SMOKE_CASES)
+def test_every_model_and_method_trains_one_epoch(model, method):
   config = train.TrainConfig(
-      method=method, model=model, epochs=1, batch_size=50, train_size=200
-  )
+      method=method, model=model, epochs=1, batch_size=32, train_size=64,
+      test_size=64, probe_size=64, hessian_iters=0,
+  )  # fmt: skip
   results = train.run(config)
   assert len(results["train_loss"]) == len(results["test_accuracy"]) == 1
-  assert math.isfinite(results["train_loss"][0])
+  assert math.isfinite(results["final_train_loss"])
   assert 0.0 <= results["final_test_accuracy"] <= 1.0
+  assert math.isfinite(results["grad_norm"]) and results["grad_norm"] > 0
+  assert results["hessian_top_eigenvalue"] is None
   assert results["config"]["lr"] == train.default_lr(method)
 
 
+def test_run_takes_the_image_shape_from_the_data(monkeypatch):
+  """A 32x32x3 data set (as CIFAR-10) reaches a model built for that shape."""
+  rng = np.random.default_rng(0)
+
+  def fake_load_dataset(name, **kwargs):
+    del kwargs
+    assert name == "cifar10"
+    x = rng.uniform(size=(96, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, data.NUM_CLASSES, size=96).astype(np.int32)
+    return data.Dataset(x[:64], y[:64], x[64:], y[64:])
+
+  monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
+  config = train.TrainConfig(
+      method="sgd", model="cnn", dataset="cifar10", epochs=1, batch_size=32,
+      hessian_iters=0,
+  )  # fmt: skip
+  results = train.run(config)
+  assert results["num_params"] == models.count_params(
+      models.make_model("cnn", in_shape=(32, 32, 3))
+  )
+  assert math.isfinite(results["final_train_loss"])
+
+
 def test_sgd_learns_the_clean_digits():
-  config = train.TrainConfig(method="sgd", model="mlp", epochs=5, label_noise=0.0)
+  config = train.TrainConfig(
+      method="sgd", model="mlp", epochs=5, lr=0.05, label_noise=0.0, hessian_iters=0
+  )
   results = train.run(config)
   assert results["train_loss"][-1] < results["train_loss"][0]
   assert results["final_test_accuracy"] > 0.9
+
+
+def test_flatness_matches_the_gradient_and_an_exact_eigenvalue():
+  # A model small enough for the exact Hessian (55 parameters).
+  model = models.MLP((2, 2, 1), num_classes=3, hidden=4, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (32, 2, 2, 1))
+  y = jnp.arange(32) % 3
+  got = train.flatness(model, x, y, key=jax.random.key(0), hessian_iters=100)
+  graphdef, params = nnx.split(model, nnx.Param)
+  flat, unravel = jax.flatten_util.ravel_pytree(nnx.as_pure(params))
+
+  def loss(v):
+    return train.loss_fn(nnx.merge(graphdef, unravel(v)), x, y)
+
+  np.testing.assert_allclose(
+      got["grad_norm"], jnp.linalg.norm(jax.jit(jax.grad(loss))(flat)), rtol=1e-5
+  )
+  eigenvalues = np.linalg.eigvalsh(jax.jit(jax.hessian(loss))(flat))
+  top = eigenvalues[np.argmax(np.abs(eigenvalues))]
+  np.testing.assert_allclose(got["hessian_top_eigenvalue"], top, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------
+# Summary table and files.
+# ----------------------------------------------------------------------------
+
+
+def _fake_run(method: str, seed: int, accuracy: float, eig: float | None) -> dict:
+  return {
+      "config": {"method": method, "seed": seed},
+      "train_loss": [2.0, 1.0], "test_accuracy": [0.5, accuracy],
+      "final_train_loss": 1.0, "final_test_accuracy": accuracy,
+      "grad_norm": 0.1, "hessian_top_eigenvalue": eig, "wall_time_s": 2.0,
+  }  # fmt: skip
+
+
+def test_summarize_gives_mean_and_std_per_method_in_order():
+  runs = [
+      _fake_run("sgd", 0, 0.8, 4.0), _fake_run("sgd", 1, 0.9, 6.0),
+      _fake_run("sam", 0, 0.95, None),
+  ]  # fmt: skip
+  rows = train.summarize(runs)
+  assert [r["method"] for r in rows] == ["sgd", "sam"]
+  assert rows[0]["seeds"] == [0, 1]
+  np.testing.assert_allclose(rows[0]["final_test_accuracy"]["mean"], 0.85)
+  np.testing.assert_allclose(
+      rows[0]["final_test_accuracy"]["std"], np.std([0.8, 0.9], ddof=1)
+  )
+  assert rows[0]["hessian_top_eigenvalue"] == {"mean": 5.0, "std": math.sqrt(2.0)}
+  assert rows[1]["final_test_accuracy"] == {"mean": 0.95, "std": 0.0}
+  assert rows[1]["hessian_top_eigenvalue"] == {"mean": None, "std": None}
+  table = train.format_table(rows).splitlines()
+  assert table[0].split()[:3] == ["method", "test", "acc"]
+  assert "0.850 ± 0.071" in table[1] and "5.00 ± 1.41" in table[1]
+  assert "0.950" in table[2] and "±" not in table[2]  # one seed: no spread
+
+
+def test_main_prints_the_table_and_writes_json_and_png(tmp_path, capsys):
+  argv = (
+      "--method sgd,sam --model mlp --seeds 0,1 --epochs 2 --train-size 64 "
+      f"--test-size 64 --probe-size 64 --hessian-iters 5 --out-dir {tmp_path}"
+  ).split()
+  out = train.main(argv)
+  printed = capsys.readouterr().out
+  assert train.format_table(out["summary"]) in printed
+  for row in out["summary"]:
+    assert row["seeds"] == [0, 1]
+    for metric in train.SUMMARY_METRICS:
+      assert math.isfinite(row[metric]["mean"]) and row[metric]["std"] >= 0
+    assert row["grad_norm"]["mean"] > 0
+
+  json_path, png_path = (tmp_path / "digits_mlp_sgd-sam").with_suffix(".json"), (
+      tmp_path / "digits_mlp_sgd-sam.png")  # fmt: skip
+  assert out["files"] == [str(json_path), str(png_path)]
+  record = json.loads(json_path.read_text())
+  assert record["experiment"]["methods"] == ["sgd", "sam"]
+  assert record["summary"] == out["summary"]
+  assert [(r["config"]["method"], r["config"]["seed"]) for r in record["runs"]] == [
+      ("sgd", 0), ("sgd", 1), ("sam", 0), ("sam", 1)]  # fmt: skip
+  assert all(len(r["test_accuracy"]) == 2 for r in record["runs"])
+  assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------
@@ -228,37 +390,71 @@ def test_sgd_learns_the_clean_digits():
 # ----------------------------------------------------------------------------
 
 
-def test_cli_defaults_are_the_config_defaults():
-  assert train.parse_args([]) == train.TrainConfig()
-  assert train.TrainConfig().method == "sam"
-  assert train.TrainConfig().model == "cnn"
-  assert train.TrainConfig().label_noise == 0.2
+def test_cli_defaults_compare_sgd_sam_gnp_on_noisy_digits():
+  experiment = train.parse_args([])
+  assert experiment == train.Experiment()
+  assert experiment.methods == ("sgd", "sam", "gnp")
+  assert experiment.out_dir == "runs"
+  assert experiment.config == train.TrainConfig()
+  assert (experiment.config.model, experiment.config.dataset) == ("cnn", "digits")
+  assert experiment.config.label_noise == 0.2
 
 
 def test_cli_parses_every_option():
   argv = (
-      "--method gnp --model mlp --epochs 3 --batch-size 32 --lr 0.2 "
-      "--momentum 0.5 --rho 0.1 --alpha 0.7 --gamma 0.02 --epsilon 0.05 "
-      "--flood-level 0.8 --label-noise 0.4 --train-size 100 --seed 5"
+      "--method gnp --model resnet --dataset mnist --epochs 3 --batch-size 32 "
+      "--lr 0.2 --momentum 0.5 --rho 0.1 --alpha 0.7 --gamma 0.02 --epsilon 0.05 "
+      "--flood-level 0.8 --label-noise 0.4 --train-size 100 --test-size 50 "
+      "--probe-size 40 --hessian-iters 3 --data-dir /data --seed 5 --out-dir out"
   ).split()
-  expected = train.TrainConfig(
-      method="gnp", model="mlp", epochs=3, batch_size=32, lr=0.2, momentum=0.5,
-      rho=0.1, alpha=0.7, gamma=0.02, epsilon=0.05, flood_level=0.8,
-      label_noise=0.4, train_size=100, seed=5,
+  expected = train.Experiment(
+      methods=("gnp",), seeds=(5,), out_dir="out",
+      config=train.TrainConfig(
+          model="resnet", dataset="mnist", epochs=3, batch_size=32, lr=0.2,
+          momentum=0.5, rho=0.1, alpha=0.7, gamma=0.02, epsilon=0.05,
+          flood_level=0.8, label_noise=0.4, train_size=100, test_size=50,
+          probe_size=40, hessian_iters=3, data_dir="/data",
+      ),
   )  # fmt: skip
   assert train.parse_args(argv) == expected
-  assert {f.name for f in dataclasses.fields(train.TrainConfig)} == set(
-      vars(train.build_parser().parse_args(argv))
-  )
+  # Every TrainConfig field but the two the experiment sets has a flag.
+  flags = set(vars(train.build_parser().parse_args(argv)))
+  fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+  assert flags == fields - {"method", "seed"} | {"methods", "seeds", "out_dir"}
+
+
+DEFAULT_METHODS = ("sgd", "sam", "gnp")
 
 
 @pytest.mark.parametrize(
-    "flag, bad, choices",
-    [("--method", "adam", train.METHODS), ("--model", "resnet", models.MODELS)],
+    "argv, methods, seeds",
+    [
+        ([], DEFAULT_METHODS, (0, 1, 2)),
+        (["--method", "all"], train.METHODS, (0, 1, 2)),
+        (["--method", "sam", "--seed", "3"], ("sam",), (3,)),
+        (["--method", "sgd,sam,gnp", "--seeds", "0,1,2"], DEFAULT_METHODS, (0, 1, 2)),
+        (["--methods", "gr, flooding,gr", "--seed", "7"], ("gr", "flooding"), (7,)),
+    ],
 )
-def test_cli_rejects_unknown_choice_listing_the_valid_ones(flag, bad, choices, capsys):
+def test_cli_method_and_seed_lists(argv, methods, seeds):
+  experiment = train.parse_args(argv)
+  assert (experiment.methods, experiment.seeds) == (methods, seeds)
+  expected = [(m, s) for m in methods for s in seeds]
+  assert [(c.method, c.seed) for c in experiment.configs()] == expected
+
+
+@pytest.mark.parametrize(
+    "argv, bad, choices",
+    [
+        (["--method", "adam"], "adam", (*train.METHODS, "all")),
+        (["--method", "sgd,adam,sam"], "adam", (*train.METHODS, "all")),
+        (["--model", "transformer"], "transformer", tuple(models.MODELS)),
+        (["--dataset", "imagenet"], "imagenet", data.DATASETS),
+    ],
+)
+def test_cli_rejects_unknown_choice_listing_the_valid_ones(argv, bad, choices, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    train.parse_args([flag, bad])
+    train.parse_args(argv)
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert f"invalid choice: '{bad}'" in err
@@ -266,9 +462,7 @@ def test_cli_rejects_unknown_choice_listing_the_valid_ones(flag, bad, choices, c
     assert f"'{choice}'" in err
 
 
-def test_main_prints_the_test_accuracy(capsys):
-  results = train.main(
-      ["--method", "sgd", "--model", "mlp", "--epochs", "1", "--train-size", "200"]
-  )
-  out = capsys.readouterr().out
-  assert f"test accuracy: {results['final_test_accuracy']:.3f}" in out
+def test_cli_rejects_bad_seeds(capsys):
+  with pytest.raises(SystemExit):
+    train.parse_args(["--seeds", "0,x"])
+  assert "invalid seeds: '0,x'" in capsys.readouterr().err

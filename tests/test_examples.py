@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import jax.flatten_util
@@ -458,3 +460,57 @@ def test_cli_rejects_bad_seeds(capsys):
   with pytest.raises(SystemExit):
     train.parse_args(["--seeds", "0,x"])
   assert "invalid seeds: '0,x'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: --checkpoint-dir resumes exactly.
+# ----------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+  pass
+
+
+def _stop_after(epoch_to_stop):
+  def on_epoch(epoch, loss, accuracy):
+    del loss, accuracy
+    if epoch == epoch_to_stop:
+      raise _Stop
+
+  return on_epoch
+
+
+@pytest.mark.parametrize("model, method", [("mlp", "sam"), ("resnet", "gnp"),
+                                           ("vit", "fdgr")])
+def test_checkpointed_run_resumes_exactly(tmp_path, model, method):
+  """Stopped after epoch 2 of 3 and resumed, the run equals an unbroken one
+  (BatchNorm statistics, dropout RNG, optimizer state and batch order)."""
+  config = train.TrainConfig(
+      method=method, model=model, epochs=3, batch_size=32, train_size=96,
+      test_size=64, probe_size=64, hessian_iters=0,
+  )  # fmt: skip
+  unbroken = train.run(config)
+  resumable = dataclasses.replace(config, checkpoint_dir=str(tmp_path))
+  with pytest.raises(_Stop):
+    train.run(resumable, on_epoch=_stop_after(2))
+  epochs_run = []
+  resumed = train.run(resumable, on_epoch=lambda e, *_: epochs_run.append(e))
+  assert epochs_run == [3]  # epochs 1 and 2 came from the checkpoint
+  for key in ("train_loss", "test_accuracy", "final_train_loss", "grad_norm"):
+    assert resumed[key] == unbroken[key], key
+
+
+def test_checkpoint_dir_resumes_in_a_new_process(tmp_path):
+  args = ["--method", "sam", "--seed", "0", "--epochs", "2", "--train-size", "96",
+          "--test-size", "64", "--probe-size", "64", "--hessian-iters", "0",
+          "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "ckpt"),
+          "--out-dir", str(tmp_path / "out")]
+  config = train.parse_args(args).configs()[0]
+  with pytest.raises(_Stop):
+    train.run(config, on_epoch=_stop_after(1))
+  proc = subprocess.run([sys.executable, "-m", "gnorm_optax.examples.train", *args],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  resumed = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+  unbroken = train.run(dataclasses.replace(config, checkpoint_dir=None))
+  assert resumed["runs"][0]["train_loss"] == unbroken["train_loss"]

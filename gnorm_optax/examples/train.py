@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -91,6 +92,12 @@ class TrainConfig:
     seed: seed for the split, the label noise, the weights and the batches.
     data_dir: where downloaded data sets are cached (None: the data module's
       default); digits needs none.
+    checkpoint_dir: if set, the run saves its model, optimizer state (with
+      the every_k cache and counters), batch-order RNG and history there
+      after every epoch with orbax-checkpoint, in a sub-directory named after
+      the data set, model, method and seed, and resumes from the latest
+      checkpoint when one is present; the resumed run continues exactly as an
+      uninterrupted one.
   """
 
   method: str = "sam"
@@ -112,6 +119,7 @@ class TrainConfig:
   hessian_iters: int = 20
   seed: int = 0
   data_dir: str | None = None
+  checkpoint_dir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,6 +337,81 @@ def flatness(
 # ----------------------------------------------------------------------------
 
 
+def _checkpoint_manager(config: TrainConfig):
+  """The orbax CheckpointManager of one run (one directory per method/seed)."""
+  name = f"{config.dataset}_{config.model}_{config.method}_seed{config.seed}"
+  path = pathlib.Path(config.checkpoint_dir).absolute() / name
+  options = ocp.CheckpointManagerOptions(max_to_keep=1)
+  return ocp.CheckpointManager(path, options=options)
+
+
+def _pure_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, Any]:
+  """Model and optimizer state as plain arrays."""
+  return nnx.as_pure({"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
+
+
+def _is_key(x: Any) -> bool:
+  return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _saveable(state: dict[str, Any]) -> dict[str, Any]:
+  """`state` with PRNG keys replaced by their key data (what orbax stores)."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def save_checkpoint(
+    mngr, epoch: int, model: nnx.Module, optimizer: nnx.Optimizer,
+    batch_rng: np.random.Generator, history: dict[str, list[float]],
+) -> None:
+  """Saves everything the run needs to continue after ``epoch``.
+
+  Args:
+    mngr: the run's ``orbax.checkpoint.CheckpointManager``.
+    epoch: the epoch just finished (the checkpoint's step).
+    model: the model (parameters, BatchNorm statistics, RNG state).
+    optimizer: its ``nnx.Optimizer`` (the optax state, every_k cache included).
+    batch_rng: the generator of the batch order.
+    history: the per-epoch train loss and test accuracy so far.
+  """
+  meta = {"rng": batch_rng.bit_generator.state, "history": history}
+  mngr.save(epoch, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_saveable(_pure_state(model, optimizer))),
+      meta=ocp.args.JsonSave(meta),
+  ))  # fmt: skip
+  mngr.wait_until_finished()
+
+
+def restore_checkpoint(
+    mngr, model: nnx.Module, optimizer: nnx.Optimizer,
+    batch_rng: np.random.Generator,
+) -> tuple[int, dict[str, list[float]]]:
+  """Restores the latest checkpoint into ``model``, ``optimizer``, ``batch_rng``.
+
+  Args:
+    mngr: the run's ``orbax.checkpoint.CheckpointManager``.
+    model: a freshly built model of the run, updated in place.
+    optimizer: its freshly built optimizer, updated in place.
+    batch_rng: the batch-order generator, set to the saved state.
+
+  Returns:
+    The last finished epoch and the history up to it.
+  """
+  epoch = mngr.latest_step()
+  like = _pure_state(model, optimizer)
+  restored = mngr.restore(epoch, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(_saveable(like)), meta=ocp.args.JsonRestore(),
+  ))  # fmt: skip
+  values = jax.tree.map(
+      lambda v, x: jax.random.wrap_key_data(v, impl=jax.random.key_impl(x))
+      if _is_key(x) else v,
+      restored["state"], like,
+  )  # fmt: skip
+  nnx.update(model, values["model"])
+  nnx.update(optimizer, values["optimizer"])
+  batch_rng.bit_generator.state = restored["meta"]["rng"]
+  return epoch, restored["meta"]["history"]
+
+
 def run(
     config: TrainConfig,
     *,
@@ -386,7 +469,11 @@ def run(
   batch_rng = np.random.default_rng(config.seed)
 
   history: dict[str, list[float]] = {"train_loss": [], "test_accuracy": []}
-  for epoch in range(1, config.epochs + 1):
+  mngr = None if config.checkpoint_dir is None else _checkpoint_manager(config)
+  done = 0
+  if mngr is not None and mngr.latest_step() is not None:
+    done, history = restore_checkpoint(mngr, model, optimizer, batch_rng)
+  for epoch in range(done + 1, config.epochs + 1):
     model.train()
     losses = [
         train_step(model, optimizer, xb, yb)
@@ -396,6 +483,8 @@ def run(
     ]
     history["train_loss"].append(float(np.mean(jax.device_get(losses))))
     history["test_accuracy"].append(evaluate(model, ds.x_test, ds.y_test))
+    if mngr is not None:
+      save_checkpoint(mngr, epoch, model, optimizer, batch_rng, history)
     if on_epoch is not None:
       on_epoch(epoch, history["train_loss"][-1], history["test_accuracy"][-1])
 
@@ -685,6 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
       ("--probe-size", int, None, "training samples for grad norm and top eig"),
       ("--hessian-iters", int, None, "power iterations for the top eig (0: skip)"),
       ("--data-dir", str, None, "cache directory of downloaded data sets"),
+      ("--checkpoint-dir", str, None,
+       "save a checkpoint after every epoch there, and resume from it"),
   ]
   for flag, type_, choices, help_ in options:
     value = getattr(default.config, flag[2:].replace("-", "_"))

@@ -78,6 +78,11 @@ def axpy(a: Any, x: Any, y: Any) -> Any:
   return jax.tree.map(lambda xi, yi: a * xi + yi, x, y)
 
 
+def shifted(params: Any, direction: Any, scale: Any = 1.0) -> Any:
+  """`params + scale * direction`, computed in float32 at least, in params' dtypes."""
+  return cast_like(axpy(scale, direction, upcast(params)), params)
+
+
 # ----------------------------------------------------------------------------
 # Validation of constants (traced values are never checked: see STYLE.md).
 # ----------------------------------------------------------------------------

@@ -6,13 +6,9 @@ import jax
 import optax
 
 from gnorm_optax._src import base
+from gnorm_optax._src import sharpness
 
 SCHEMES = ("forward", "backward", "central")
-
-
-def _shifted(params: base.Params, direction: base.Updates, scale) -> base.Params:
-  """`params + scale * direction`, computed in float32, cast to params' dtypes."""
-  return base.cast_like(base.axpy(scale, direction, base.upcast(params)), params)
 
 
 def hessian_direction(grad_fn, direction, g, params, epsilon, scheme):
@@ -23,10 +19,8 @@ def hessian_direction(grad_fn, direction, g, params, epsilon, scheme):
   schemes, difference against the clean gradient `g` (no third gradient).
   """
   if scheme == "exact":
-    tangent = base.match_varying(base.cast_like(direction, params), params)
-    _, hd = jax.jvp(grad_fn, (params,), (tangent,))
-    return base.upcast(hd)
-  grad_at = lambda s: base.upcast(grad_fn(_shifted(params, direction, s)))
+    return base.upcast(sharpness.hvp(grad_fn, params, direction))
+  grad_at = lambda s: base.upcast(grad_fn(base.shifted(params, direction, s)))
   if scheme == "forward":
     hi, lo, width = grad_at(epsilon), g, epsilon
   elif scheme == "backward":

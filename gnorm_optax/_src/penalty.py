@@ -117,9 +117,7 @@ def penalized_grad(
     step = _perturbation(
         g_perturb, params, hp["rho"], hp["eps"], adaptive, hp["eta"]
     )
-    perturbed = base.cast_like(
-        jax.tree.map(lambda p, s: p + s, base.upcast(params), step), params
-    )
+    perturbed = base.shifted(params, step)
     return jax.tree.map(jnp.subtract, base.upcast(grad_fn(perturbed)), clean(g, hp))
 
   def apply_fn(g, d, hp):

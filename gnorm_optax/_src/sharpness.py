@@ -46,7 +46,9 @@ def hvp(
   """
   base.check_same_tree("vector", vector, params, "vector must be shaped like params",
                        dtypes=False)
-  return jax.jvp(grad_fn, (params,), (base.cast_like(vector, params),))[1]
+  # Inside shard_map the tangent must vary over the axes params vary over.
+  tangent = base.match_varying(base.cast_like(vector, params), params)
+  return jax.jvp(grad_fn, (params,), (tangent,))[1]
 
 
 def _vdot(a: base.Updates, b: base.Updates) -> jax.Array:

@@ -27,7 +27,8 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_conformance import CASES, loss_fn, make_params, params_sequence
+from test_conformance import (CASES, loss_fn, make_params, params_sequence,
+                              update_kwargs)
 
 import gnorm_optax as gx
 
@@ -251,6 +252,26 @@ def test_params_dtype_other_than_the_state_under_x64():
                        r"dtype float32; re-run tx.init\(params\)"):
       tx.update(jax.grad(small_loss)(p64), state, p64,
                 grad_fn=jax.grad(small_loss))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_x64_keeps_float32_math_float32(case):
+  """With `jax_enable_x64` on, Python-number hyperparameters (`rho=0.05`)
+  must not promote the math on float32 params to float64: the compiled
+  update holds no float64 arithmetic on arrays, only scalar constants."""
+  with jax.enable_x64(True):
+    params = make_params(jnp.float32)
+    tx = case.make(**case.hparams)
+    kwargs = update_kwargs(case, loss_fn, loss_fn(params))
+
+    def update(p):
+      return tx.update(jax.grad(loss_fn)(p), tx.init(p), p, **kwargs)[0]
+
+    hlo = jax.jit(update).lower(params).as_text()
+    # Rank-0 f64 constants (converted once) may appear; f64 arrays may not.
+    wide = [line for line in hlo.splitlines() if "xf64>" in line]
+    assert not wide, wide
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(update(params)))
 
 
 def test_every_k_one_checks_grads_against_params_and_keeps_no_tree():

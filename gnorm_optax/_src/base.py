@@ -158,7 +158,13 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def evaluate(
     hyperparams: Mapping[str, optax.ScalarOrSchedule], count: jax.Array
 ) -> dict[str, jax.Array]:
-  """Evaluates schedules at `count`; checks that each gives a scalar."""
+  """Evaluates schedules at `count`; checks that each gives a scalar.
+
+  Python numbers stay weakly typed (as floats), so that they take the dtype of
+  the arrays they meet: with `jax_enable_x64` on, `rho=0.05` must not turn the
+  math on float32 parameters into float64. Arrays are promoted to their
+  compute dtype (at least float32).
+  """
   out = {}
   for name, value in hyperparams.items():
     v = jnp.asarray(value(count) if callable(value) else value)
@@ -166,7 +172,7 @@ def evaluate(
       raise ValueError(
           f"the schedule for {name} must return a scalar, got shape {v.shape}"
       )
-    out[name] = v.astype(compute_dtype(v.dtype))
+    out[name] = v * 1.0 if v.weak_type else v.astype(compute_dtype(v.dtype))
   return out
 
 

@@ -66,8 +66,9 @@ def flooding(level: optax.ScalarOrSchedule) -> optax.GradientTransformationExtra
     if value.ndim != 0:
       raise ValueError(f"value must be the scalar loss, got shape {value.shape}")
     b = base.evaluate({"level": level}, state.count)["level"]
-    sign = jnp.sign(value.astype(b.dtype) - b)
-    updates = jax.tree.map(lambda g: (sign * g).astype(g.dtype), updates)
+    sign = jnp.sign(value.astype(base.compute_dtype(value.dtype)) - b)
+    # +-1 or 0 is exact in every dtype: multiply in the gradient's own dtype.
+    updates = jax.tree.map(lambda g: sign.astype(g.dtype) * g, updates)
     return updates, FloodingState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -35,6 +35,12 @@ def adaptive_gradient_regularization() -> optax.GradientTransformationExtraArgs:
   zero (never NaN). The map is scale-equivariant: `AGR(c g) = c AGR(g)`. Put it
   in front of the optimizer, as `agr_adamw` and `agr_adan` do.
 
+  A tensor with a single entry always gets `alpha = 1`: its gradient is zeroed
+  on every step, so a scalar parameter (a learned temperature, a gate) does not
+  train under AGR; leave such leaves out with `optax.masked` or
+  `optax.partition`. Large tensors are barely touched (each entry is a small
+  share of the sum); the factor bites on small ones such as biases.
+
   Returns:
     An optax.GradientTransformationExtraArgs (stateless; extra arguments such
     as `grad_fn=` or `value=` are ignored, so it chains with anything).

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import gnorm_optax as gx
 from gnorm_optax.examples import data

@@ -89,7 +89,7 @@ def save(directory, step: int, params, state) -> None:
     mngr.wait_until_finished()
 
 
-def restore(directory, tx, params_like):
+def restore(directory, tx, params_like, weak_types: bool = True):
   """`(step, params, state)` of the latest checkpoint, restored into the
   abstract target built from a fresh `tx` (the README's recipe)."""
   abstract = {
@@ -99,6 +99,13 @@ def restore(directory, tx, params_like):
   with ocp.CheckpointManager(pathlib.Path(directory).absolute()) as mngr:
     step = mngr.latest_step()
     restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  # orbax restores every array strongly typed; inject_hyperparams keeps
+  # Python-number hyperparameters weakly typed. Give them back their weak type,
+  # or the jitted step traces once more for the restored state.
+  if weak_types:
+    restored = jax.tree.map(
+        lambda t, x: jax.device_put(jnp.asarray(x.item()), x.sharding)
+        if t.weak_type else x, abstract, restored)
   return step, restored["params"], restored["opt_state"]
 
 

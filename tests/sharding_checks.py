@@ -31,6 +31,12 @@ compilations few, each group traces all of them into one jitted program.
   single-device run (synchronized) or a per-shard replay with the cached
   correction (m-sharpness), for an MLP and for a CNN (whose convolutions the
   library rewrites inside the `cond` on XLA:CPU; with `check_vma=True`).
+* `explicit`: on a mesh with `AxisType.Explicit` axes and FSDP-sharded
+  params (the loss all-gathers them with `jax.sharding.reshard`), with the
+  params and the state donated: every transform with `every_k=3` and every
+  transform under `optax.inject_hyperparams` (whose state always keeps the
+  `every_k` cache), 4 steps, equal the unsharded single-device run; the
+  states keep the params' shardings.
 * `reduced`: under `shard_map` with `check_vma=True` (JAX's default) and
   replicated params, JAX has already reduced the gradient over the axis (the
   transpose of the implicit broadcast is a `psum`), so there is no local
@@ -614,6 +620,87 @@ def check_vma_reduced(case: str) -> float:
 
 
 # ----------------------------------------------------------------------------
+# Explicit sharding: FSDP params on an Explicit mesh, donated, every_k / inject.
+# ----------------------------------------------------------------------------
+
+
+def _inject(name: str):
+  kw = dict(TRANSFORMS[name][2])
+  if name == "sam":
+    kw.pop("alpha")
+  make = {
+      "penalized_grad": gx.penalized_grad, "sam": gx.sam,
+      "sam_adaptive": functools.partial(gx.sam, adaptive=True),
+      "fdgr_forward": functools.partial(gx.finite_difference_gr, scheme="forward"),
+      "fdgr_backward": functools.partial(gx.finite_difference_gr, scheme="backward"),
+      "fdgr_central": functools.partial(gx.finite_difference_gr, scheme="central"),
+      "gradient_regularization": gx.gradient_regularization,
+  }[name]
+  return optax.inject_hyperparams(make)(**kw)
+
+
+def explicit_variants() -> dict[str, Callable[[], optax.GradientTransformation]]:
+  out = {}
+  for name, (factory, _, _) in TRANSFORMS.items():
+    out[f"{name} every_k=3"] = functools.partial(factory, every_k=3)
+    out[f"{name} inject"] = functools.partial(_inject, name)
+  return out
+
+
+def gathered_loss(p, x, y):
+  """`mlp_loss` with FSDP params all-gathered first (explicit sharding)."""
+  return mlp_loss(jax.tree.map(
+      lambda w: jax.sharding.reshard(w, P()), p), x, y)
+
+
+def _train_donated(make, loss, params, data, sharding_of, batch_sharding):
+  tx = optax.chain(make(), optax.sgd(LR))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, s, x, y):
+    def grad_fn(q):
+      return jax.grad(loss)(q, x, y)
+
+    u, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    return optax.apply_updates(p, u), s
+
+  # A copy: device_put to where an array already is returns it, and it is
+  # donated below.
+  p = jax.device_put(jax.tree.map(jnp.copy, params), shardings(params, sharding_of))
+  s = tx.init(p)
+  for x, y in data:
+    p, s = step(p, s, *jax.device_put((x, y), batch_sharding))
+  return p, s
+
+
+@once
+def explicit_runs() -> dict[str, tuple]:
+  mesh = make_mesh(AxisType.Explicit)
+  params, data = mlp_params(), batches(4)
+  out = {}
+  for name, make in explicit_variants().items():
+    single = _train_donated(make, mlp_loss, params, data, single_device,
+                            SingleDeviceSharding(jax.devices()[0]))
+    with jax.set_mesh(mesh):
+      sharded = _train_donated(
+          make, gathered_loss, params, data,
+          lambda x: NamedSharding(mesh, fsdp_spec(x)), NamedSharding(mesh, P("data")))
+    out[name] = (single, sharded)
+  return out
+
+
+def check_explicit(name: str) -> float:
+  (ref_p, _), (p, s) = explicit_runs()[name]
+  specs = {k: v.sharding.spec for k, v in p.items()}
+  assert sum(any(a is not None for a in spec) for spec in specs.values()) == 4, specs
+  # The every_k cache keeps each parameter's sharding.
+  caches = [x for x in jax.tree.leaves(s) if x.ndim]
+  assert caches and all(
+      c.sharding.spec in set(specs.values()) for c in caches), caches
+  return assert_close(p, ref_p, f"{name}: params, explicit FSDP vs single")
+
+
+# ----------------------------------------------------------------------------
 # Registry and command line.
 # ----------------------------------------------------------------------------
 
@@ -642,6 +729,7 @@ GROUPS: dict[str, dict[str, Callable[[], float]]] = {
             check_every_k_shard_map, model, mode)
            for model in ("mlp", "cnn") for mode in ("sync", "local")},
     },
+    "explicit": each(explicit_variants(), check_explicit),
     "reduced": {
         **{f"reduced gradient {case}": functools.partial(check_vma_reduced, case)
            for case in ("local_loss", "pmean_loss")},

@@ -131,3 +131,23 @@ def test_resume_in_a_new_process_is_bitwise(tmp_path):
   with np.load(out) as resumed:
     got = {k: resumed[k] for k in resumed.files}
   assert_bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("weak_types", [True, False])
+def test_restored_injected_state_does_not_retrace(tmp_path, weak_types):
+  """The README's recipe gives injected hyperparameters back their weak type,
+  so the step compiled for the running state serves the restored one
+  (without that line it traces again). The state is committed to the device
+  from the start, as orbax's restored arrays are: jit keys its cache on that
+  too."""
+  case_id = "inject:sam"
+  tx, step = cr.train_step(case_id)
+  params0 = make_params()
+  device = jax.devices()[0]
+  params, state = cr.train(case_id, jax.device_put(params0, device),
+                           jax.device_put(tx.init(params0), device), 0, STOP)
+  cr.save(tmp_path, STOP, params, state)
+  before = step._cache_size()
+  _, params, state = cr.restore(tmp_path, tx, params0, weak_types=weak_types)
+  cr.train(case_id, params, state, STOP, STOP + 1)
+  assert step._cache_size() == before + (0 if weak_types else 1)

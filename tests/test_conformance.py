@@ -5,7 +5,8 @@ they can be schedules, and so `optax.inject_hyperparams` can wrap it) plus what
 its `update` needs: `grad_fn=` (second-gradient transforms), `value=`
 (flooding) or nothing (AGR and the AGR optimizers).
 
-Tests, each over all cases: jit without retracing; update dtype == gradient
+Tests, each over all cases: jit with the params and the state donated
+(plain and under `inject_hyperparams`) without retracing; update dtype == gradient
 dtype and shapes kept (float32, bfloat16); schedules honoured and
 `inject_hyperparams` hyperparameters changeable (every case that has
 hyperparameters: all but adaptive_gradient_regularization);
@@ -139,6 +140,9 @@ CASES: list[Case] = _second_gradient_cases() + [
     Case("agr_adan", gx.agr_adan, dict(learning_rate=0.1),
          dict(learning_rate=0.3), "nothing", optimizer=True,
          quad=dict(learning_rate=0.1), rosen=dict(learning_rate=0.02)),
+    Case("adan", gx.adan, dict(learning_rate=0.1),
+         dict(learning_rate=0.3), "nothing", optimizer=True,
+         quad=dict(learning_rate=0.1), rosen=dict(learning_rate=0.02)),
 ]
 
 CASES_WITH_HPARAMS = [c for c in CASES if c.alt]
@@ -154,7 +158,7 @@ def test_every_public_transform_is_a_case():
       fn = fn.func
     made.add(fn.__name__)
   transforms = {
-      "adaptive_gradient_regularization", "agr_adamw", "agr_adan",
+      "adan", "adaptive_gradient_regularization", "agr_adamw", "agr_adan",
       "finite_difference_gr", "flooding", "gradient_regularization",
       "penalized_grad", "sam",
   }
@@ -282,11 +286,15 @@ def in_front_of(case: Case, tx, base):
 
 
 @parametrize_cases
-def test_jit_traces_once(case):
-  tx = in_front_of(case, case.make(**case.hparams), optax.sgd(0.05))
+@pytest.mark.parametrize("wrap", ["plain", "inject"])
+def test_jit_with_donated_state_traces_once(case, wrap):
+  """The standard Flax / big_vision step: params and state donated, straight
+  from `tx.init` (no two state leaves may share a buffer), one trace."""
+  make = case.make if wrap == "plain" else optax.inject_hyperparams(case.make)
+  tx = in_front_of(case, make(**case.hparams), optax.sgd(0.05))
   traces = 0
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state):
     nonlocal traces
     traces += 1
@@ -298,11 +306,15 @@ def test_jit_traces_once(case):
 
   params = make_params()
   opt_state = tx.init(params)
+  first = jax.tree.leaves((params, opt_state))
   losses = []
   for _ in range(4):
     params, opt_state, value = train_step(params, opt_state)
     losses.append(float(value))
   assert traces == 1
+  # Really donated (jit prunes the inputs a step never reads, such as a
+  # field it only overwrites; those are not donated).
+  assert sum(x.is_deleted() for x in first) >= len(jax.tree.leaves(params))
   assert len(set(losses)) == 4  # new values on every step
   assert all(np.isfinite(losses))
 

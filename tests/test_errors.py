@@ -23,7 +23,8 @@ SECOND_GRADIENT = [
 @pytest.mark.parametrize("make", SECOND_GRADIENT)
 def test_missing_grad_fn_shows_the_fix(make):
   tx = make()
-  with pytest.raises(ValueError, match=r"needs grad_fn.*grad_fn=lambda p: jax.grad"):
+  with pytest.raises(ValueError, match=r"(?s)needs grad_fn.*grad_fn=lambda p: jax.grad"
+                     r".*With Flax NNX.*nnx_grad_fn\(model, loss_fn, x, y\)"):
     tx.update(GRADS, tx.init(PARAMS), PARAMS)
 
 
@@ -139,3 +140,44 @@ def test_zero_gradients_give_finite_updates(make):
   for x in jax.tree.leaves(out):
     assert jnp.all(jnp.isfinite(x))
     assert jnp.all(x == 0)
+
+
+# ----------------------------------------------------------------------------
+# Chain order: the right order is the only one that passes quietly.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory,name", [
+    (gx.sam, "sam"), (gx.penalized_grad, "penalized_grad"),
+    (lambda opt: gx.finite_difference_gr(opt, 0.01), "finite_difference_gr"),
+    (gx.gradient_regularization, "gradient_regularization")])
+def test_an_optimizer_as_hyperparameter_shows_the_chain(factory, name):
+  """`gx.sam(optax.adam(1e-3))`, the optax.contrib.sam habit."""
+  with pytest.raises(TypeError) as info:
+    factory(optax.adam(1e-3))
+  message = str(info.value)
+  assert f"optax.chain(gx.{name}(...), optimizer)" in message
+  assert "optax.contrib.sam" in message
+  assert len(message) < 400  # the optimizer object is not printed
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_two_second_gradient_transforms_chained_raise(jit):
+  tx = optax.chain(gx.sam(0.05), gx.finite_difference_gr(0.1, 0.01), optax.sgd(0.1))
+  update = lambda g, s, p: tx.update(g, s, p, grad_fn=jax.grad(LOSS))
+  with pytest.raises(ValueError, match=r"two of them are chained.*\n.*optax.chain"
+                     r"\(gx.finite_difference_gr\(\.\.\.\), optimizer\)"):
+    (jax.jit(update) if jit else update)(GRADS, tx.init(PARAMS), PARAMS)
+
+
+def test_the_output_of_a_step_is_not_mistaken_for_a_chained_one():
+  """The check looks only at the very arrays a second-gradient transform
+  returned; a new gradient, or the same transform called again, passes."""
+  tx = gx.sam(0.05)
+  state = tx.init(PARAMS)
+  out, state = tx.update(GRADS, state, PARAMS, grad_fn=jax.grad(LOSS))
+  tx.update(GRADS, state, PARAMS, grad_fn=jax.grad(LOSS))
+  other = gx.sam(0.1)
+  other.update(jax.grad(LOSS)(PARAMS), other.init(PARAMS), PARAMS,
+               grad_fn=jax.grad(LOSS))
+  del out

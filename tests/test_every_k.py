@@ -34,7 +34,7 @@ class Counter:
     return self.grad(p)
 
 
-def train(tx, loss, params, steps, grad_fn=None):
+def train(tx, loss, params, steps, grad_fn=None, state=None):
   grad_fn = grad_fn or jax.grad(loss)
 
   @jax.jit
@@ -42,7 +42,7 @@ def train(tx, loss, params, steps, grad_fn=None):
     u, s = tx.update(jax.grad(loss)(p), s, p, grad_fn=grad_fn)
     return optax.apply_updates(p, u), s, u
 
-  state = tx.init(params)
+  state = tx.init(params) if state is None else state
   outs = []
   for _ in range(steps):
     params, state, u = step(params, state)
@@ -88,6 +88,22 @@ def test_cached_correction_is_reused_between_refreshes():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5), ours, ref)
   assert int(state.count) == 5
   assert state.correction is not None
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_injected_every_k_below_one_refreshes_every_step(bad):
+  """An injected every_k cannot be checked (it is traced): a value below 1 is
+  taken as 1, so the extra gradient is computed on every step (the safe
+  reading), never a modulo by zero or a stale cache."""
+  loss, params = quartic_problem()
+  tx = optax.inject_hyperparams(gx.sam)(rho=0.05, every_k=3)
+  state = tx.init(params)
+  state.hyperparams["every_k"] = jnp.asarray(bad)
+  counter = Counter(jax.grad(loss))
+  _, _, outs = train(tx, loss, params, 4, grad_fn=counter, state=state)
+  _, _, want = train(gx.sam(0.05), loss, params, 4)
+  assert counter.calls == 4  # a refresh on every step
+  jax.tree.map(np.testing.assert_array_equal, outs, want)
 
 
 def test_every_k_one_keeps_no_cache():

@@ -6,6 +6,9 @@ float64 property tests.
   for that step and is counted; a non-finite clean gradient is passed through
   (NaN in, NaN out) without poisoning the state; `optax.apply_if_finite`
   around the chain skips such steps and leaves the inner state untouched.
+  Degenerate steps (a perturbation lost to bfloat16 rounding or to a tiny
+  epsilon) are counted, `perturb_dtype` keeps the perturbation, and a
+  gradient whose squares overflow still perturbs. `optax.lookahead`'s pattern.
 - Bad input: params of another tree than the state was built for; string and
   NaN hyperparameters; use inside `optax.masked` / `optax.partition`.
 - Composition: `optax.MultiSteps` (both placements, against a hand
@@ -141,6 +144,110 @@ def test_faults_in_jit(case):
     else:
       assert all_finite(outs[t]), t
   assert int(states[-1].nonfinite_count) == len(refreshed)
+
+
+# ----------------------------------------------------------------------------
+# Degenerate steps: a perturbation lost to rounding, an overflowing norm.
+# ----------------------------------------------------------------------------
+
+
+def _order_one_problem(dtype):
+  k = jax.random.split(jax.random.key(3), 2)
+  params = {"w": (1.0 + 0.5 * jax.random.uniform(k[0], (1024,))).astype(dtype)}
+  x = jax.random.normal(k[1], (1024,))
+
+  def loss(p):  # float32 math whatever the params' dtype
+    w = p["w"].astype(jnp.float32)
+    return jnp.sum(jnp.sin(x * w)) + 0.5 * jnp.sum(w ** 2)
+
+  def grad_fn(p):  # the gradient in the dtype of its argument
+    return jax.tree.map(lambda g, q: g.astype(q.dtype), jax.grad(loss)(p), p)
+
+  return loss, grad_fn, params
+
+
+def test_bfloat16_perturbation_loss_is_counted_and_perturb_dtype_keeps_it():
+  loss, grad_fn, params = _order_one_problem(jnp.bfloat16)
+  g = grad_fn(params)
+  tx = gx.sam(0.05)
+  out, state = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(
+      g, tx.init(params), params)
+  # Rounding theta + 0.05 g/|g| to bfloat16 misses the point by more than
+  # half the step.
+  assert float(state.perturbation_error) > 0.5
+  assert int(state.degenerate_count) == 1
+  assert int(state.nonfinite_count) == 0
+
+  tx32 = gx.sam(0.05, perturb_dtype=jnp.float32)
+  out32, state32 = jax.jit(lambda g, s, p: tx32.update(g, s, p, grad_fn=grad_fn))(
+      g, tx32.init(params), params)
+  assert out32["w"].dtype == jnp.bfloat16  # the update keeps the gradient dtype
+  assert float(state32.perturbation_error) < 1e-3  # float32 rounding only
+  assert int(state32.degenerate_count) == 0
+  # It is SAM on the float32 copy of the same params and gradient.
+  p32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  want, _ = gx.sam(0.05).update(
+      jax.tree.map(lambda x: x.astype(jnp.float32), g), gx.sam(0.05).init(p32),
+      p32, grad_fn=grad_fn)
+  np.testing.assert_allclose(np.asarray(out32["w"], np.float32),
+                             np.asarray(want["w"].astype(jnp.bfloat16), np.float32))
+
+
+def test_finite_difference_step_below_rounding_is_counted():
+  """At epsilon=1e-12 in float32, theta + epsilon g == theta: the update is g
+  exactly, which is a fault, not F-GR; it is counted."""
+  loss, grad_fn, params = _order_one_problem(jnp.float32)
+  g = grad_fn(params)
+  tx = gx.finite_difference_gr(0.1, 1e-12)
+  out, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
+  jax.tree.map(np.testing.assert_array_equal, out, g)
+  assert float(state.perturbation_error) == 1.0  # nothing moved
+  assert int(state.degenerate_count) == 1
+  ok = gx.finite_difference_gr(0.1, 1e-2)
+  _, state = ok.update(g, ok.init(params), params, grad_fn=grad_fn)
+  assert int(state.degenerate_count) == 0
+  assert float(state.perturbation_error) < 0.01
+
+
+def test_gradient_whose_squares_overflow_still_perturbs():
+  """One entry of 1e20 in float32: |g|^2 overflows, but the norm is computed
+  scale-safely, so SAM still steps rho along g/|g| (not zero: not SGD)."""
+  params = jnp.ones(3, jnp.float32)
+  g = jnp.array([1e20, 1.0, -1.0], jnp.float32)
+  # A gradient that scales with the first coordinate: g' = g * theta'_0.
+  grad_fn = lambda p: g * p[0]
+  tx = gx.sam(0.05)
+  out, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
+  np.testing.assert_allclose(out, 1.05 * g, rtol=1e-6)  # theta'_0 = 1 + rho
+  assert int(state.nonfinite_count) == 0 and int(state.degenerate_count) == 0
+
+
+def test_lookahead_around_the_base_optimizer():
+  """optax.lookahead passes no extra arguments to its fast optimizer, so
+  grad_fn cannot reach a transform inside it. The working pattern: call the
+  second-gradient transform first and give its output to lookahead."""
+  loss = lambda p: jnp.sum((p - 1.0) ** 4) + jnp.sum(p ** 2)
+  sam, la = gx.sam(0.05), optax.lookahead(optax.sgd(0.05), 3, 0.5)
+  plain = optax.chain(gx.sam(0.05), optax.sgd(0.05))
+  params = optax.LookaheadParams.init_synced(jnp.array([0.3, -0.2, 2.0]))
+  s_sam, s_la = sam.init(params.fast), la.init(params)
+  fast, s_plain = params.fast, plain.init(params.fast)
+
+  @jax.jit
+  def step(params, s_sam, s_la):
+    g = jax.grad(loss)(params.fast)
+    g, s_sam = sam.update(g, s_sam, params.fast, grad_fn=jax.grad(loss))
+    u, s_la = la.update(g, s_la, params)
+    return optax.apply_updates(params, u), s_sam, s_la
+
+  for t in range(6):
+    params, s_sam, s_la = step(params, s_sam, s_la)
+    if t < 2:  # before the first sync, the fast weights follow chain(sam, sgd)
+      u, s_plain = plain.update(jax.grad(loss)(fast), s_plain, fast,
+                                grad_fn=jax.grad(loss))
+      fast = optax.apply_updates(fast, u)
+      np.testing.assert_allclose(params.fast, fast, rtol=1e-6)
+  assert float(loss(params.slow)) < float(loss(jnp.array([0.3, -0.2, 2.0])))
 
 
 def test_apply_if_finite_skips_steps_and_keeps_the_inner_state():

@@ -87,6 +87,13 @@ def test_every_k_under_sharding():
   assert_all_passed("every_k")
 
 
+def test_explicit_mesh_fsdp_every_k_and_inject_with_donation():
+  """Explicit axes, FSDP params, params and state donated: every transform
+  with every_k=3 and under inject_hyperparams equals the unsharded run."""
+  assert_all_passed("explicit")
+  assert len(group_results("explicit")) == 2 * 7
+
+
 @pytest.mark.parametrize("case", ["local_loss", "pmean_loss"])
 def test_gradient_already_reduced_by_shard_map_is_rejected(case):
   result = group_results("reduced")[f"reduced gradient {case}"]

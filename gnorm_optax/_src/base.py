@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -32,7 +33,11 @@ GradFn = Callable[[Params], Updates]
 GRAD_FN_FIX = (
     "pass it to update, e.g. tx.update(grads, state, params, "
     "grad_fn=lambda p: jax.grad(loss_fn)(p, batch)), or pass value_fn="
-    "lambda p: loss_fn(p, batch)"
+    "lambda p: loss_fn(p, batch). With Flax NNX, build it before the clean "
+    "pass:\n"
+    "    grad_fn = gnorm_optax.flax.nnx_grad_fn(model, loss_fn, x, y)\n"
+    "    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)\n"
+    "    optimizer.update(model, grads, grad_fn=grad_fn)"
 )
 
 
@@ -56,13 +61,41 @@ def cast_like(tree: Any, like: Any) -> Any:
   return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
+def abs_sq(x: jax.Array) -> jax.Array:
+  """`|x|^2` elementwise, real for complex `x` (optax's convention)."""
+  if jnp.iscomplexobj(x):
+    return jnp.square(x.real) + jnp.square(x.imag)
+  return jnp.square(x)
+
+
 def global_norm(tree: Any) -> jax.Array:
-  """L2 norm over all leaves of a tree, accumulated in at least float32."""
-  leaves = jax.tree.leaves(tree)
+  """Scale-safe L2 norm `sqrt(sum |x|^2)` over all leaves, in at least float32.
+
+  When the sum of squares overflows (an entry of 1e20 in float32) the leaves
+  are divided by the largest magnitude before squaring, so the norm stays
+  finite and `g / ||g||` keeps its direction; otherwise it is the plain sum
+  (the same bits as `optax.tree.norm`). Complex leaves count `|x|^2`, as
+  `optax.tree.norm` does. A tree with a non-finite entry has a non-finite
+  norm.
+  """
+  leaves = [x.astype(compute_dtype(x.dtype)) for x in jax.tree.leaves(tree)]
+  leaves = [x for x in leaves if x.size]
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  sq = [jnp.sum(jnp.square(x.astype(compute_dtype(x.dtype)))) for x in leaves]
-  return jnp.sqrt(sum(sq))
+  plain = jnp.sqrt(sum(jnp.sum(abs_sq(x)) for x in leaves))
+  scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+  safe = jnp.where((scale > 0) & jnp.isfinite(scale), scale, jnp.ones_like(scale))
+  scaled = safe * jnp.sqrt(sum(jnp.sum(abs_sq(x / safe)) for x in leaves))
+  return jnp.where(jnp.isfinite(plain), plain, scaled)
+
+
+def real_vdot(a: Any, b: Any) -> jax.Array:
+  """`sum(real(conj(a) * b))` over the leaves, in at least float32."""
+  return sum(
+      (jnp.sum(jnp.real(jnp.conj(x) * y)) for x, y in zip(
+          jax.tree.leaves(upcast(a)), jax.tree.leaves(upcast(b)), strict=True)),
+      start=jnp.zeros((), jnp.float32),
+  )
 
 
 def tree_all_finite(tree: Any) -> jax.Array:
@@ -76,11 +109,6 @@ def tree_all_finite(tree: Any) -> jax.Array:
 def axpy(a: Any, x: Any, y: Any) -> Any:
   """`a * x + y` leaf by leaf (a is a scalar)."""
   return jax.tree.map(lambda xi, yi: a * xi + yi, x, y)
-
-
-def shifted(params: Any, direction: Any, scale: Any = 1.0) -> Any:
-  """`params + scale * direction`, computed in float32 at least, in params' dtypes."""
-  return cast_like(axpy(scale, direction, upcast(params)), params)
 
 
 # ----------------------------------------------------------------------------
@@ -99,8 +127,12 @@ def check_scalar(
     minimum: float | None = None,
     strict: bool = False,
     fix: str = "",
+    owner: str = "",
 ) -> None:
   """Checks a numeric hyperparameter given as a constant.
+
+  `owner` names the transform in the message for an optimizer passed where a
+  number belongs (`gx.sam(optax.adam(1e-3))`, the optax.contrib.sam habit).
 
   Schedules (callables) and traced values (e.g. under
   `optax.inject_hyperparams` inside `jit`) are accepted as they are.
@@ -109,6 +141,14 @@ def check_scalar(
     TypeError: if `value` is neither a number, a scalar array nor a schedule.
     ValueError: if it is NaN/inf, not a scalar, or below `minimum`.
   """
+  if isinstance(value, optax.GradientTransformation):
+    owner = owner or "sam"
+    raise TypeError(
+        f"{name} must be a number or a schedule, got an optax optimizer. "
+        f"gx.{owner} is not a wrapper around the optimizer (as "
+        "optax.contrib.sam is): it transforms the gradient, so chain it in "
+        f"front of the optimizer:\n    optax.chain(gx.{owner}(...), optimizer)"
+    )
   if callable(value) or _is_traced(value):
     return
   if isinstance(value, (str, bytes, bool)) or not isinstance(
@@ -364,18 +404,25 @@ def resolve_grad_fn(
     fn = grad_fn
   else:
     kwargs = value_fn_kwargs(value_fn, extra_args or {})
-    fn = jax.grad(lambda p: value_fn(p, **kwargs))
+    # optax's convention for complex params: the update direction is the
+    # conjugate of what jax.grad returns (d/dx + i d/dy for z = x + iy).
+    fn = lambda p: optax.tree.conj(jax.grad(lambda q: value_fn(q, **kwargs))(p))
 
   def checked(p: Params) -> Updates:
     g = fn(p)
+    # The gradient has the dtypes of its argument (a perturbed point may be
+    # formed in float32 for bfloat16 params) or of params.
+    like = p if jax.tree.structure(p) == jax.tree.structure(g) and all(
+        jnp.result_type(x) == jnp.result_type(y)
+        for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(p))) else params
     check_same_tree(
         source,
         g,
-        params,
+        like,
         "grad_fn must return the gradient of the loss with respect to its "
         "argument, with the tree, shapes and dtypes of params (with flax.nnx, "
-        "nnx.Optimizer passes plain arrays: differentiate a loss of the plain "
-        "params with jax.grad, or return nnx.as_pure(grads))",
+        "nnx.Optimizer passes plain arrays: build it with "
+        "gnorm_optax.flax.nnx_grad_fn(model, loss_fn, *batch))",
     )
     if axis_name is not None:
       g = jax.lax.pmean(g, axis_name)
@@ -387,34 +434,109 @@ def resolve_grad_fn(
 class SecondGradientState(NamedTuple):
   """State of the second-gradient transformations.
 
+  This docstring is the one statement of their fault semantics; the
+  transforms' docstrings link here.
+
+  * A non-finite extra gradient (at the perturbed point) makes the step
+    return the incoming gradient `g` unchanged; the cached correction is
+    reset to zero and `nonfinite_count` is incremented.
+  * A non-finite incoming gradient `g` is not hidden: it is passed through (on
+    a refresh step the update is exactly `g`, on a reuse step `g` plus the
+    cached correction), counted in `nonfinite_count`, and the cache is not
+    poisoned. Wrap the whole chain in `optax.apply_if_finite` to skip such
+    steps; it leaves this state untouched.
+  * A degenerate perturbation is counted in `degenerate_count`: a refresh
+    step whose perturbed point is off the intended one by more than half the
+    intended step `s`, i.e. whose relative error
+    `||(theta' - theta) - s|| / ||s||` exceeds 0.5 (0 when exact, 1 when
+    nothing moved). It happens when `theta + s` rounds in the dtype the
+    point is formed in: bfloat16 params of order 1 with a SAM radius of
+    0.05, or `finite_difference_gr(epsilon=1e-12)` in float32, where
+    `theta + epsilon g == theta` and the update is `g` exactly. The step is
+    still taken (it is the method at the precision asked for);
+    `perturbation_error` says how far off it was, and
+    `perturb_dtype=jnp.float32` forms the point exactly for low-precision
+    params. A gradient whose squares overflow (an entry of 1e20 in float32)
+    is not degenerate: norms are computed scale-safely (`global_norm`).
+
   Attributes:
     count: int32 number of updates so far (indexes schedules and `every_k`).
-    nonfinite_count: int32 number of steps whose extra gradient was not finite;
-      on those steps the transform returned the incoming gradient unchanged.
-      (A non-finite incoming gradient makes the extra gradient non-finite
-      too, so such a step is counted as well; its update is not finite.)
+    nonfinite_count: int32 number of steps whose extra gradient (or incoming
+      gradient) was not finite, see above.
+    degenerate_count: int32 number of refresh steps whose perturbed point
+      was off by more than half the intended step, see above.
+    perturbation_error: float32 relative error of the last refresh step's
+      perturbed point (the largest over its points; 0 for the exact
+      Hessian-vector product, which forms no point).
     correction: the cached correction, reused on the steps where the extra
-      gradient is not recomputed, in the compute dtype of each parameter.
-      Present when `every_k > 1`, or when `every_k` is an array (as
-      `optax.inject_hyperparams` passes it), else None.
+      gradient is not recomputed, in the compute dtype of each parameter and
+      with the parameter's sharding. Present when `every_k > 1`, or when
+      `every_k` is an array (as `optax.inject_hyperparams` passes it), else
+      None.
   """
 
   count: jax.Array
   nonfinite_count: jax.Array
+  degenerate_count: jax.Array
+  perturbation_error: jax.Array
   correction: Updates | None
+
+
+class Probe:
+  """Gradients near `params`: what a correction function is given.
+
+  `probe(direction, scale)` forms the perturbed point
+  `theta' = theta + scale * direction` (the sum in at least float32, the point
+  in `perturb_dtype` or the params' dtypes), returns `grad_fn(theta')` in the
+  compute dtype, and records the relative error of the point formed (see
+  `SecondGradientState`). `probe.grad_fn` is the checked
+  gradient function itself, for corrections that differentiate it (the exact
+  Hessian-vector product).
+  """
+
+  def __init__(self, grad_fn: GradFn, params: Params, perturb_dtype: Any,
+               axis_name: str | None):
+    self.grad_fn = grad_fn
+    self._params = params
+    self._perturb_dtype = perturb_dtype
+    self._axis_name = axis_name
+    self.errors: list[jax.Array] = []
+
+  def point_dtype(self, p: jax.Array) -> jnp.dtype:
+    if self._perturb_dtype is None:
+      return jnp.result_type(p)
+    return jnp.promote_types(jnp.result_type(p), self._perturb_dtype)
+
+  def __call__(self, direction: Updates, scale: Any = 1.0) -> Updates:
+    step = jax.tree.map(lambda d: scale * d, upcast(direction))
+    exact = axpy(1.0, step, upcast(self._params))
+    point = jax.tree.map(
+        lambda x, p: x.astype(self.point_dtype(p)), exact, self._params)
+    miss = jax.tree.map(
+        lambda x, p, s: upcast(x) - upcast(p) - s, point, self._params, step)
+    miss, length = real_vdot(miss, miss), real_vdot(step, step)
+    if self._axis_name is not None:
+      miss, length = jax.lax.pmean((miss, length), self._axis_name)
+    error = jnp.sqrt(miss / jnp.where(length > 0, length, 1.0))
+    # A non-finite step is a non-finite fault (counted as such), not a
+    # degenerate one.
+    error = jnp.where(jnp.isfinite(error), error, 0.0)
+    self.errors.append(error.astype(jnp.float32))
+    return upcast(self.grad_fn(point))
 
 
 class CorrectionFn(Protocol):
   """Computes the correction `d` from the extra gradient(s).
 
-  Called with the checked `grad_fn`, the gradient that defines the
-  perturbation (`g_perturb`: local or averaged), the averaged clean gradient
-  `g` (float32), `params` and the evaluated hyperparameters.
+  Called with the `Probe` (gradients at perturbed points), the gradient that
+  defines the perturbation (`g_perturb`: local or averaged), the averaged
+  clean gradient `g` (compute dtype), `params` and the evaluated
+  hyperparameters.
   """
 
   def __call__(
       self,
-      grad_fn: GradFn,
+      probe: Probe,
       g_perturb: Updates,
       g: Updates,
       params: Params,
@@ -430,15 +552,45 @@ class ApplyFn(Protocol):
   ) -> Updates: ...
 
 
+# The update leaves that second-gradient transforms returned and that are
+# still alive: a second-gradient transform handed one of them as its gradient
+# sits right after another in a chain (see `check_not_chained`).
+_OUTPUTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _remember_outputs(updates: Updates) -> None:
+  for x in jax.tree.leaves(updates)[:1]:
+    try:
+      _OUTPUTS[id(x)] = x
+    except TypeError:  # Not weakly referenceable: nothing to remember.
+      pass
+
+
+def check_not_chained(name: str, updates: Updates) -> None:
+  """Raises a ValueError when `updates` is the output of a second-gradient
+  transform (two of them chained one after the other)."""
+  leaves = jax.tree.leaves(updates)[:1]
+  if leaves and _OUTPUTS.get(id(leaves[0])) is leaves[0]:
+    raise ValueError(
+        f"{name} got, as its gradient, the update of another second-gradient "
+        "transform: two of them are chained, e.g. optax.chain(gx.sam(...), "
+        "gx.finite_difference_gr(...), opt). The second one would perturb "
+        "along the first one's update and add its correction to it, which is "
+        "neither method. Use one second-gradient transform, first in the chain:"
+        f"\n    optax.chain(gx.{name}(...), optimizer)"
+    )
+
+
 def second_gradient_transformation(
     name: str,
     correction_fn: CorrectionFn,
     apply_fn: ApplyFn,
     hyperparams: Mapping[str, optax.ScalarOrSchedule],
     *,
-    every_k: int = 1,
+    every_k: int | jax.Array = 1,
     axis_name: str | None = None,
     sync_perturbation: bool = True,
+    perturb_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a transformation `g -> apply_fn(g, d)` with `d` from extra gradients.
 
@@ -448,23 +600,19 @@ def second_gradient_transformation(
   On a refresh step (`count % every_k == 0`) `d = correction_fn(...)` is
   computed from the gradient at other parameters; on the other steps the cached
   `d` is reused, so the amortized cost is `1 + c / every_k` gradients (c extra
-  gradients per refresh). If `d` is not finite, the step returns `g` unchanged,
-  caches a zero correction and increments `state.nonfinite_count`.
-
-  Faults: a non-finite extra gradient (at the perturbed point) falls back to
-  `g` as above. A non-finite *incoming* gradient `g` is not hidden: it is
-  passed through (on a refresh step the update is exactly `g`, on a reuse step
-  `g` plus the cached correction), the step is counted, and the cache is not
-  poisoned (it is reset to zero). Wrap the whole chain in
-  `optax.apply_if_finite` to skip such steps; it leaves this state untouched.
+  gradients per refresh). Faults (non-finite and degenerate steps) are handled
+  as `SecondGradientState` describes.
 
   The state's structure never depends on a traced value: with `every_k` a
   Python integer, the cache exists iff `every_k > 1`; with `every_k` an array
   (`optax.inject_hyperparams` makes it one, concrete in `tx.init` but traced
   under `jax.eval_shape(tx.init, params)` or `jax.jit`), the cache always
   exists, so `tx.init` and its abstract evaluation agree and the injected
-  value can be changed later. A state with a cache remembers the parameter
-  tree it was built for; `update` with other params raises a ValueError.
+  value can be changed later (a value below 1 is taken as 1: a refresh on
+  every step). A state with a cache remembers the parameter tree it was built
+  for; `update` with other params raises a ValueError. No two leaves of the
+  state share a buffer (it can be donated), and the cache has the sharding of
+  the params (explicit-sharding meshes).
 
   Args:
     name: the public name of the transform, for error messages.
@@ -477,6 +625,8 @@ def second_gradient_transformation(
       gradients are averaged.
     sync_perturbation: with `axis_name`, perturb with the averaged gradient
       (True) or with each device's local gradient (False: SAM's m-sharpness).
+    perturb_dtype: the dtype perturbed points are formed in (promoted with
+      each parameter's dtype; None keeps the params' dtypes).
 
   Returns:
     An optax.GradientTransformationExtraArgs.
@@ -488,16 +638,30 @@ def second_gradient_transformation(
   # keeps a cache; `update` reads the decision back from the state.
   k = check_every_k(every_k)
   keeps_cache = not isinstance(every_k, (int, np.integer)) or k > 1
+  if perturb_dtype is not None:
+    perturb_dtype = jnp.dtype(perturb_dtype)
+    if not jnp.issubdtype(perturb_dtype, jnp.inexact):
+      raise ValueError(
+          f"perturb_dtype must be a floating dtype such as jnp.float32, got "
+          f"{perturb_dtype}")
 
   def init_fn(params: Params) -> SecondGradientState:
     check_full_tree(name, params, "params")
-    zero = jnp.zeros([], jnp.int32)
     correction = None
     if keeps_cache:
+      # zeros_like keeps each parameter's sharding (explicit meshes).
       correction = jax.tree.map(
-          lambda p: jnp.zeros(p.shape, compute_dtype(p.dtype)), params
+          lambda p: jnp.zeros_like(p, dtype=compute_dtype(p.dtype)), params
       )
-    return SecondGradientState(zero, zero, correction)
+    # One array per field: a state whose leaves share a buffer cannot be
+    # donated (`jax.jit(step, donate_argnums=...)`).
+    return SecondGradientState(
+        count=jnp.zeros([], jnp.int32),
+        nonfinite_count=jnp.zeros([], jnp.int32),
+        degenerate_count=jnp.zeros([], jnp.int32),
+        perturbation_error=jnp.zeros([], jnp.float32),
+        correction=correction,
+    )
 
   def update_fn(
       updates: Updates,
@@ -513,6 +677,7 @@ def second_gradient_transformation(
     checked_grad_fn = resolve_grad_fn(
         name, params, grad_fn, value_fn, axis_name, extra_args
     )
+    check_not_chained(name, updates)
     check_full_tree(name, params, "params")
     check_full_tree(name, updates, "updates")
     if state.correction is not None:
@@ -532,23 +697,29 @@ def second_gradient_transformation(
     g_perturb = g if sync_perturbation else g_local
 
     def refresh(g_perturb, g, params):
-      d = correction_fn(checked_grad_fn, g_perturb, g, params, hp)
+      probe = Probe(checked_grad_fn, params, perturb_dtype, axis_name)
+      d = correction_fn(probe, g_perturb, g, params, hp)
       d = jax.tree.map(lambda di, gi: di.astype(gi.dtype), d, g)
       finite = tree_all_finite(d)
       d = jax.tree.map(lambda di: jnp.where(finite, di, jnp.zeros_like(di)), d)
-      return d, finite
+      error = jnp.max(jnp.stack(probe.errors)) if probe.errors else jnp.zeros([])
+      error = error.astype(jnp.float32)
+      return d, finite, error, error > 0.5
 
     if state.correction is None:
-      d, finite = refresh(g_perturb, g, params)
+      d, finite, error, degenerate = refresh(g_perturb, g, params)
       correction = None
     else:
 
       def reuse(g_perturb, g, params):
         del g_perturb, g, params
-        return state.correction, jnp.asarray(True)
+        return (state.correction, jnp.asarray(True), state.perturbation_error,
+                jnp.asarray(False))
 
-      d, finite = jax.lax.cond(
-          state.count % every_k == 0,
+      # An injected every_k below 1 (or fractional) is taken as max(1, int).
+      k_now = jnp.maximum(jnp.asarray(every_k).astype(jnp.int32), 1)
+      d, finite, error, degenerate = jax.lax.cond(
+          state.count % k_now == 0,
           canonical_conv.for_xla_cpu(refresh),
           reuse,
           g_perturb,
@@ -563,9 +734,11 @@ def second_gradient_transformation(
     new_state = SecondGradientState(
         count=optax.safe_increment(state.count),
         nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
+        degenerate_count=state.degenerate_count + degenerate.astype(jnp.int32),
+        perturbation_error=error,
         correction=correction,
     )
+    _remember_outputs(out)
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import optax
 
@@ -11,7 +13,7 @@ from gnorm_optax._src import sharpness
 SCHEMES = ("forward", "backward", "central")
 
 
-def hessian_direction(grad_fn, direction, g, params, epsilon, scheme):
+def hessian_direction(probe, direction, g, params, epsilon, scheme):
   """Estimates `H @ direction`.
 
   `"exact"` differentiates `grad_fn` forward-over-reverse (`jax.jvp`); the
@@ -19,23 +21,23 @@ def hessian_direction(grad_fn, direction, g, params, epsilon, scheme):
   schemes, difference against the clean gradient `g` (no third gradient).
   """
   if scheme == "exact":
-    return base.upcast(sharpness.hvp(grad_fn, params, direction))
-  grad_at = lambda s: base.upcast(grad_fn(base.shifted(params, direction, s)))
+    return base.upcast(sharpness.hvp(probe.grad_fn, params, direction))
   if scheme == "forward":
-    hi, lo, width = grad_at(epsilon), g, epsilon
+    hi, lo, width = probe(direction, epsilon), g, epsilon
   elif scheme == "backward":
-    hi, lo, width = g, grad_at(-epsilon), epsilon
+    hi, lo, width = g, probe(direction, -epsilon), epsilon
   else:
-    hi, lo, width = grad_at(epsilon), grad_at(-epsilon), 2 * epsilon
+    hi, lo = probe(direction, epsilon), probe(direction, -epsilon)
+    width = 2 * epsilon
   return jax.tree.map(lambda a, b: (a - b) / width, hi, lo)
 
 
 def _gr_transformation(name, scheme, hyperparams, **kwargs):
   """`g + gamma * d` with `d ~= H @ g`: shared by both public transforms."""
 
-  def correction_fn(grad_fn, g_perturb, g, params, hp):
+  def correction_fn(probe, g_perturb, g, params, hp):
     return hessian_direction(
-        grad_fn, g_perturb, g, params, hp.get("epsilon"), scheme
+        probe, g_perturb, g, params, hp.get("epsilon"), scheme
     )
 
   def apply_fn(g, d, hp):
@@ -51,9 +53,10 @@ def finite_difference_gr(
     epsilon: optax.ScalarOrSchedule,
     *,
     scheme: str = "forward",
-    every_k: int = 1,
+    every_k: int | jax.Array = 1,
     axis_name: str | None = None,
     sync_perturbation: bool = True,
+    perturb_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Finite-difference gradient regularization (F-GR, B-GR, central).
 
@@ -76,9 +79,18 @@ def finite_difference_gr(
 
   Pass `grad_fn=` (or `value_fn=`) to `update`; the transform goes first in
   `optax.chain`. With `every_k = k` the difference is recomputed on one step in
-  k and reused on the others. If the extra gradient is not finite, the step
-  returns `g` and counts it in `state.nonfinite_count`; a non-finite `g` is
-  passed through, not hidden.
+  k and reused on the others.
+
+  Precision: `theta + epsilon g` is formed in the params' dtype, so the
+  difference sees only what survives rounding. In float32 with params of order
+  1, `epsilon * |g|` must stay well above 1e-7 (at `epsilon = 1e-12`,
+  `theta + epsilon g == theta` and the update is `g` exactly); in bfloat16 the
+  estimate of `H g` is about 10% off at usual `epsilon` and in float16 about
+  1%. Such steps are counted in `state.degenerate_count`, with the point's
+  relative error in `state.perturbation_error`; `perturb_dtype=jnp.float32`
+  forms the point in float32 for low-precision params (the loss must accept
+  them).
+  Faults are as `gnorm_optax.SecondGradientState` describes.
 
   Args:
     gamma: regularization strength (>= 0), a scalar or a schedule.
@@ -88,6 +100,9 @@ def finite_difference_gr(
     axis_name: inside `shard_map`/`pmap`, average the gradients over this axis.
     sync_perturbation: with `axis_name`, step along the averaged gradient
       (True) or along each device's own gradient (False).
+    perturb_dtype: form the perturbed point(s) in this dtype (promoted with
+      each parameter's; e.g. `jnp.float32` for bfloat16 params); None: the
+      params' dtypes.
 
   Returns:
     An optax.GradientTransformationExtraArgs.
@@ -108,10 +123,12 @@ def finite_difference_gr(
     Deep Learning: Efficient Finite-Difference Computation and Implicit Bias*,
     ICML 2023, https://arxiv.org/abs/2210.02720
   """
-  base.check_scalar("gamma", gamma, minimum=0.0, fix="use gamma=0 for no penalty")
+  base.check_scalar("gamma", gamma, minimum=0.0, fix="use gamma=0 for no penalty",
+                    owner="finite_difference_gr")
   base.check_scalar(
       "epsilon", epsilon, minimum=0.0, strict=True,
       fix="the finite-difference step must be positive, e.g. epsilon=0.01",
+      owner="finite_difference_gr",
   )
   base.check_choice("scheme", scheme, SCHEMES)
   return _gr_transformation(
@@ -121,13 +138,14 @@ def finite_difference_gr(
       every_k=every_k,
       axis_name=axis_name,
       sync_perturbation=sync_perturbation,
+      perturb_dtype=perturb_dtype,
   )
 
 
 def gradient_regularization(
     gamma: optax.ScalarOrSchedule,
     *,
-    every_k: int = 1,
+    every_k: int | jax.Array = 1,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Exact gradient regularization: `g + gamma * H @ g` by double backprop.
@@ -138,8 +156,9 @@ def gradient_regularization(
   with `H g` computed exactly by forward-over-reverse differentiation of
   `grad_fn` (`jax.jvp`). It is the reference that `finite_difference_gr`
   approximates; it costs about as much as two or three gradients and keeps
-  the forward-mode tangents in memory. A non-finite `H g` falls back to `g`
-  (counted in `state.nonfinite_count`); a non-finite `g` is passed through.
+  the forward-mode tangents in memory. Faults are as
+  `gnorm_optax.SecondGradientState` describes (a non-finite `H g` falls back
+  to `g`; no perturbed point is formed, so no step is degenerate).
 
   Args:
     gamma: regularization strength (>= 0), a scalar or a schedule.
@@ -166,7 +185,8 @@ def gradient_regularization(
     Drucker and Le Cun, *Improving generalization performance using double
     backpropagation*, IEEE Trans. Neural Networks, 1992.
   """
-  base.check_scalar("gamma", gamma, minimum=0.0, fix="use gamma=0 for no penalty")
+  base.check_scalar("gamma", gamma, minimum=0.0, fix="use gamma=0 for no penalty",
+                    owner="gradient_regularization")
   return _gr_transformation(
       "gradient_regularization",
       "exact",

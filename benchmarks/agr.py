@@ -8,8 +8,9 @@ within each pair everything is identical but the AGR transform: the same
 cosine-decayed peak learning rate (the example's Adam default, 3e-3), optax's
 default hyper-parameters (AdamW weight decay 1e-4, Adan 0), the same seed
 (split, initial weights, batch order). The AGR optimizers come from the
-example's `make_optimizer`; the plain ones are `optax.adamw` / `optax.adan`
-with the same schedule. The loop is the example's (`train_step`, `evaluate`,
+example's `make_optimizer`; the plain ones are `optax.adamw` and `gx.adan`
+(Adan as in its paper and official code, which `gx.agr_adan` puts AGR in
+front of; `optax.adan` differs from it) with the same schedule. The loop is the example's (`train_step`, `evaluate`,
 `flatness`), written out here to keep every per-step loss.
 
 Speed: the first epoch whose mean training loss (the example's `train_loss`)
@@ -38,6 +39,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from results_md import write_section  # noqa: E402
 
+import gnorm_optax as gx  # noqa: E402
 from gnorm_optax.examples import data  # noqa: E402
 from gnorm_optax.examples.models import make_model  # noqa: E402
 from gnorm_optax.examples.train import (  # noqa: E402
@@ -60,7 +62,7 @@ def optimizer_for(method, lr, steps):
   if method == "adamw":
     return optax.adamw(optax.cosine_decay_schedule(lr, decay_steps=steps))
   if method == "adan":
-    return optax.adan(optax.cosine_decay_schedule(lr, decay_steps=steps))
+    return gx.adan(optax.cosine_decay_schedule(lr, decay_steps=steps))
   return make_optimizer(method, lr, steps)
 
 
@@ -225,13 +227,13 @@ def main(argv=None):
       f"learning rate {lr} (the example's default for `agr_*`) for all four "
       "optimizers, optax's defaults otherwise (AdamW weight decay 1e-4, Adan 0); "
       "AGR-AdamW / AGR-Adan are the example's `make_optimizer`, AdamW / Adan "
-      "`optax.adamw` / `optax.adan` with the same schedule. Seeds "
+      "`optax.adamw` / `gx.adan` (the paper's Adan) with the same schedule. Seeds "
       f"{', '.join(map(str, seeds))} (a seed fixes the split, the initial weights and "
       "the batch order, the same within a pair); mean ± sample std over seeds. "
       "'Epochs to loss < t': first epoch whose mean training loss is below t; "
       "'steps to': first step at which the mean of the last epoch's worth of "
       "per-step losses is below t. Grad norm and top Hessian eigenvalue "
-      f"({cfg.hessian_iters} power iterations): full-batch training loss on the "
+      f"(at most {cfg.hessian_iters} Lanczos steps): full-batch training loss on the "
       f"first {cfg.probe_size} training images after training.\n"
       "Command: `python benchmarks/agr.py`\n\n"
       f"{text}\n")

@@ -200,7 +200,7 @@ def main(argv=None):
       "the same for every method, so the paired difference to SGD (per seed, then "
       "mean ± std) and the wins/ties/losses against SGD are the sharper comparison. "
       "Train loss is on the (noisy) training labels; gradient norm and top Hessian "
-      f"eigenvalue ({base.hessian_iters} power iterations) are of the full-batch "
+      f"eigenvalue (at most {base.hessian_iters} Lanczos steps) are of the full-batch "
       f"training loss on the first {base.probe_size} training images, in eval mode, "
       "after training. Test set: 449 clean images, so one image is 0.22 points.\n"
       f"Command: `python benchmarks/generalization.py`\n\n"

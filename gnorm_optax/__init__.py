@@ -1,5 +1,6 @@
 """gnorm_optax: optax transformations that steer training toward flat minima."""
 
+from gnorm_optax._src.adaptive import adan
 from gnorm_optax._src.adaptive import adaptive_gradient_regularization
 from gnorm_optax._src.adaptive import agr_adamw
 from gnorm_optax._src.adaptive import agr_adan
@@ -10,15 +11,19 @@ from gnorm_optax._src.flooding import FloodingState
 from gnorm_optax._src.flooding import flooding
 from gnorm_optax._src.penalty import penalized_grad
 from gnorm_optax._src.penalty import sam
+from gnorm_optax._src.sharpness import EigenInfo
 from gnorm_optax._src.sharpness import hessian_top_eigenvalue
+from gnorm_optax._src.sharpness import hessian_top_eigenvalues
 from gnorm_optax._src.sharpness import hessian_trace
 from gnorm_optax._src.sharpness import hvp
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "EigenInfo",
     "FloodingState",
     "SecondGradientState",
+    "adan",
     "adaptive_gradient_regularization",
     "agr_adamw",
     "agr_adan",
@@ -26,6 +31,7 @@ __all__ = (
     "flooding",
     "gradient_regularization",
     "hessian_top_eigenvalue",
+    "hessian_top_eigenvalues",
     "hessian_trace",
     "hvp",
     "penalized_grad",

@@ -89,7 +89,7 @@ def test_function_examples_run(name):
 def test_state_class_documented(name):
   cls = getattr(gx, name)
   doc = inspect.getdoc(cls) or ""
-  assert name.endswith("State")
+  assert name.endswith(("State", "Info"))  # a state, or an info record
   assert issubclass(cls, tuple) and hasattr(cls, "_fields"), "a NamedTuple"
   # Not the docstring namedtuple generates ("Name(field, ...)").
   assert not doc.startswith(f"{name}("), f"{name} has no docstring"
@@ -117,6 +117,7 @@ TRANSFORM_ARGS = {
     "adaptive_gradient_regularization": {},
     "agr_adamw": dict(learning_rate=0.1),
     "agr_adan": dict(learning_rate=0.1),
+    "adan": dict(learning_rate=0.1),
     "flooding": dict(level=0.1),
 }
 

@@ -1,5 +1,7 @@
 """Flatness diagnostics against the exact Hessian of a small model."""
 
+import functools
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -8,20 +10,54 @@ import pytest
 
 import gnorm_optax as gx
 
+N = 30  # The quadratic test problems share compilations: N parameters, and
+KEYS = jax.random.split(jax.random.key(42), 32)  # these 32 start keys.
 
+
+@functools.cache
 def small_model():
   k = jax.random.split(jax.random.key(0), 4)
   params = {"w1": jax.random.normal(k[0], (3, 5)), "b1": jnp.zeros(5),
             "w2": jax.random.normal(k[1], (5, 2))}
   x = jax.random.normal(k[2], (20, 3))
   y = jax.random.normal(k[3], (20, 2))
-  loss = lambda p: jnp.mean((jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] - y) ** 2)
+
+  def loss(p):
+    return jnp.mean((jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] - y) ** 2)
+
   return loss, params
 
 
 def dense_hessian(loss, params):
   flat, unravel = jax.flatten_util.ravel_pytree(params)
-  return np.asarray(jax.hessian(lambda v: loss(unravel(v)))(flat), np.float64), unravel
+  h = jax.jit(jax.hessian(lambda v: loss(unravel(v))))(flat)
+  return np.asarray(h, np.float64), unravel
+
+
+def rotated(eigenvalues, seed=0):
+  """`Q diag(eigenvalues) Q^T` for a random rotation `Q`."""
+  n = len(eigenvalues)
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+  return (q * np.asarray(eigenvalues)) @ q.T
+
+
+@functools.cache
+def lanczos_of_matrix(k, num_iters):
+  """Jitted `(A, keys) -> eigenvalue(s), info` for `0.5 p^T A p`, one key a row."""
+
+  def one(a, key):
+    grad_fn = jax.grad(lambda p: 0.5 * p @ a @ p)
+    if k == 1:
+      return gx.hessian_top_eigenvalue(grad_fn, jnp.ones(a.shape[0]), key=key,
+                                       num_iters=num_iters, return_info=True)
+    return gx.hessian_top_eigenvalues(grad_fn, jnp.ones(a.shape[0]), key=key, k=k,
+                                   num_iters=num_iters, return_info=True)
+
+  return jax.jit(jax.vmap(one, in_axes=(None, 0)))
+
+
+def lanczos(a, *, k=1, num_iters=30):
+  return lanczos_of_matrix(k, num_iters)(jnp.asarray(a, jnp.float32), KEYS)
 
 
 def test_hvp_equals_dense_hessian_times_vector():
@@ -33,14 +69,113 @@ def test_hvp_equals_dense_hessian_times_vector():
                              rtol=1e-4, atol=1e-5)
 
 
-def test_top_eigenvalue_matches_eigvalsh():
-  loss, params = small_model()
-  h, _ = dense_hessian(loss, params)
-  eig = np.linalg.eigvalsh(h)
-  top = eig[np.argmax(np.abs(eig))]
-  est = gx.hessian_top_eigenvalue(jax.grad(loss), params, key=jax.random.key(1),
-                                  num_iters=200)
-  np.testing.assert_allclose(float(est), top, rtol=1e-3)
+def test_top_eigenvalue_matches_eigvalsh_on_a_pytree_model():
+  loss, params = small_model()  # A dict of three arrays, 30 parameters.
+  eig = np.linalg.eigvalsh(dense_hessian(loss, params)[0])
+  lam, info = jax.jit(lambda p, key: gx.hessian_top_eigenvalue(
+      jax.grad(loss), p, key=key, return_info=True))(params, jax.random.key(1))
+  np.testing.assert_allclose(float(lam), eig[-1], rtol=1e-3)  # Largest algebraic.
+  assert isinstance(info, gx.EigenInfo)
+  assert bool(info.converged) and 1 <= int(info.num_iters) < 30
+  assert info.residual.shape == () and float(info.residual) <= 1e-3 * float(lam)
+
+
+def test_saddle_is_found_whatever_the_key():
+  # Power iteration returned 4.95, -1.94, -4.24, 4.91 or 0.81 on +-5, by key.
+  a = rotated(np.r_[5.0, -5.0, np.linspace(-4.0, 4.0, N - 2)])
+  lam, info = lanczos(a)
+  np.testing.assert_allclose(lam, 5.0, rtol=1e-3)
+  assert np.all(info.converged)
+
+
+def test_close_top_eigenvalues():
+  a = rotated(np.r_[4.0, 3.9, np.linspace(-1.0, 3.0, N - 2)], seed=1)
+  lam, info = lanczos(a)
+  np.testing.assert_allclose(lam, 4.0, rtol=1e-3)
+  assert np.all(info.converged) and np.all(info.num_iters < N)
+  # Too few steps for this spectrum: reported, not hidden.
+  lam, info = lanczos(a, num_iters=4)
+  assert not np.any(info.converged) and np.all(info.num_iters == 4)
+  assert np.all(info.residual > 1e-3 * np.abs(lam))
+  assert np.all(lam <= 4.0 + 1e-5)  # A Ritz value is a lower bound.
+
+
+def test_random_symmetric_matrix_against_dense():
+  b = np.random.default_rng(3).normal(size=(N, N))
+  a = jnp.asarray((b + b.T) / 2, jnp.float32)
+  h = jax.jit(jax.hessian(lambda p: 0.5 * p @ a @ p))(jnp.zeros(N))
+  eig = np.linalg.eigvalsh(np.asarray(h, np.float64))[::-1]
+  lam, info = lanczos(a)
+  np.testing.assert_allclose(lam, eig[0], rtol=1e-3)
+  assert np.all(info.converged)
+  top, info = lanczos(a, k=3)
+  np.testing.assert_allclose(top, np.broadcast_to(eig[:3], (32, 3)), rtol=1e-3)
+  assert np.all(info.converged) and np.all(info.num_iters <= N)  # At most n steps.
+  assert info.residual.shape == (32, 3)
+
+
+def test_invariant_subspace_stops_without_nan():
+  # 2 x 2 with 50 steps allowed: the Krylov space is the whole space at 2.
+  def loss(p):
+    return p[0] ** 2 + 3 * p[0] * p[1]  # H = [[2, 3], [3, 0]].
+
+  lam, info = gx.hessian_top_eigenvalue(jax.grad(loss), jnp.ones(2),
+                                        key=jax.random.key(0), num_iters=50,
+                                        return_info=True)
+  np.testing.assert_allclose(float(lam), 1 + np.sqrt(10), rtol=1e-5)
+  assert bool(info.converged) and int(info.num_iters) == 2
+  # Two distinct eigenvalues in N dimensions: the Krylov space closes at 2.
+  a = rotated(np.repeat([2.0, -1.0], N // 2), seed=2)
+  lam, info = lanczos(a)
+  np.testing.assert_allclose(lam, 2.0, rtol=1e-5)
+  assert np.all(info.converged) and np.all(info.num_iters == 2)
+  assert np.all(np.isfinite(info.residual))
+  # Closed before k Ritz values exist: a fresh direction finds a copy of 2.
+  top, info = lanczos(a, k=3)
+  np.testing.assert_allclose(top, np.broadcast_to([2.0, 2.0, -1.0], (32, 3)),
+                             rtol=1e-5, atol=1e-5)
+  assert np.all(info.converged) and np.all(np.isfinite(info.residual))
+  # H = 0.
+  lam, info = lanczos(np.zeros((N, N)))
+  assert np.all(lam == 0.0) and np.all(info.converged) and np.all(info.num_iters == 1)
+
+
+def test_float64_params():
+  with jax.enable_x64(True):
+    a = jnp.diag(jnp.array([5.0, -5.0, 1.0, 4.99], jnp.float64))
+    lam, info = gx.hessian_top_eigenvalue(
+        jax.grad(lambda p: 0.5 * p @ a @ p), jnp.ones(4, jnp.float64),
+        key=jax.random.key(0), tol=1e-10, return_info=True)
+    assert lam.dtype == jnp.float64 and info.residual.dtype == jnp.float64
+    np.testing.assert_allclose(float(lam), 5.0, rtol=1e-10)
+    assert bool(info.converged)
+
+
+def test_complex_params_are_pairs_of_real_parameters():
+  c = jnp.array([1.0, 2.0, 0.5])
+
+  def loss(z):  # Curvatures mix the real and imaginary parts.
+    x, y = jnp.real(z), jnp.imag(z)
+    return jnp.sum(c * x**2 + 3 * x * y - 0.5 * y**2 + 0.1 * (x**2 + y**2) ** 2)
+
+  def real_loss(v):
+    return loss(jax.lax.complex(v[:3], v[3:]))
+
+  z = jnp.array([0.3 + 0.1j, -0.2 + 0.4j, 0.5 - 0.3j], jnp.complex64)
+  h = np.asarray(jax.jit(jax.hessian(real_loss))(jnp.concatenate([z.real, z.imag])))
+  eig = np.linalg.eigvalsh(h.astype(np.float64))
+  # optax's convention for complex params, as the transforms take it.
+  def conj_grad(f):
+    return lambda z: jnp.conj(jax.grad(f)(z))
+
+  lam = gx.hessian_top_eigenvalue(conj_grad(loss), z, key=jax.random.key(0))
+  np.testing.assert_allclose(float(lam), eig[-1], rtol=1e-4)
+
+  def diagonal(z):  # Hutchinson is exact for a diagonal Hessian.
+    return jnp.sum(c * jnp.real(z) ** 2 + 2 * jnp.imag(z) ** 2)
+
+  tr = gx.hessian_trace(conj_grad(diagonal), z, key=jax.random.key(0), num_samples=2)
+  np.testing.assert_allclose(float(tr), 2 * float(jnp.sum(c)) + 12.0, rtol=1e-6)
 
 
 def test_trace_within_hutchinson_error():
@@ -55,13 +190,17 @@ def test_trace_within_hutchinson_error():
   assert std < 0.2 * abs(np.trace(h))  # the check is not vacuous
 
 
-def test_diagnostics_jit_and_reject_bad_counts():
+def test_diagnostics_reject_bad_arguments():
   loss, params = small_model()
-  f = jax.jit(lambda p, k: gx.hessian_top_eigenvalue(jax.grad(loss), p, key=k,
-                                                     num_iters=5))
-  assert np.isfinite(float(f(params, jax.random.key(0))))
+  g = jax.grad(loss)
+  key = jax.random.key(0)
   with pytest.raises(ValueError, match="num_iters must be >= 1, got 0"):
-    gx.hessian_top_eigenvalue(jax.grad(loss), params, key=jax.random.key(0),
-                              num_iters=0)
+    gx.hessian_top_eigenvalue(g, params, key=key, num_iters=0)
+  with pytest.raises(ValueError, match="tol must be a finite scalar >= 0"):
+    gx.hessian_top_eigenvalue(g, params, key=key, tol=-1.0)
+  with pytest.raises(ValueError, match=r"k must be an integer in \[1, 5\], got 6"):
+    gx.hessian_top_eigenvalues(g, params, key=key, k=6, num_iters=5)
+  with pytest.raises(ValueError, match=r"k must be an integer in \[1, 2\], got 3"):
+    gx.hessian_top_eigenvalues(g, jnp.ones(2), key=key, k=3)
   with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
-    gx.hessian_trace(jax.grad(loss), params, key=jax.random.key(0), num_samples=0)
+    gx.hessian_trace(g, params, key=key, num_samples=0)

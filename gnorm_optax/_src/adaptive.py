@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -135,30 +138,355 @@ def agr_adamw(
   )
 
 
+# ----------------------------------------------------------------------------
+# Adan as in the paper (Xie et al., Algorithm 1) and its official code.
+# ----------------------------------------------------------------------------
+
+
+class _ScaleByAdanPaperState(NamedTuple):
+  """State of `_scale_by_adan_paper`.
+
+  Attributes:
+    count: number of updates done so far (int32).
+    m: moving average of the gradient.
+    v: moving average of the gradient difference `g_k - g_{k-1}`.
+    n: moving average of `|g_k + b2 (g_k - g_{k-1})|^2` (real dtype).
+    prev_grad: the gradient of the previous step (unused on the first one).
+  """
+
+  count: jax.Array
+  m: optax.Updates
+  v: optax.Updates
+  n: optax.Updates
+  prev_grad: optax.Updates
+
+
+def _real_dtype(dtype) -> jnp.dtype:
+  """The real counterpart of `dtype` (`complex64 -> float32`)."""
+  return jnp.zeros((), dtype).real.dtype
+
+
+def _scale_by_adan_paper(
+    b1: float = 0.98,
+    b2: float = 0.92,
+    b3: float = 0.99,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+  r"""The Adan direction of the official code (sail-sg/Adan, `adan.py`).
+
+  In optax's decay convention (`b_i = 1 - beta_i` of the paper), with
+  `d_k = g_k - g_{k-1}` and `d_1 = 0`:
+
+  .. math::
+    m_k = b_1 m_{k-1} + (1 - b_1) g_k,\quad
+    v_k = b_2 v_{k-1} + (1 - b_2) d_k,\quad
+    n_k = b_3 n_{k-1} + (1 - b_3) |g_k + b_2 d_k|^2,
+
+    u_k = \frac{m_k / (1 - b_1^k) + b_2\, v_k / (1 - b_2^k)}
+              {\sqrt{n_k / (1 - b_3^k) + \epsilon_{root}} + \epsilon}.
+
+  The moments start at zero; `m`, `v` are kept in `mu_dtype` (default: the
+  params' dtype), `n` in the params' real dtype, the math runs in at least
+  float32 and `u` has the dtype of the incoming gradient.
+
+  Args:
+    b1: decay rate of the gradient moment.
+    b2: decay rate of the gradient-difference moment.
+    b3: decay rate of the squared-term moment.
+    eps: added to the root of the bias-corrected `n`.
+    eps_root: added to the bias-corrected `n` inside the root.
+    mu_dtype: dtype of `m` and `v`.
+
+  Returns:
+    An optax.GradientTransformation.
+
+  References:
+    Xie et al., 2022, https://arxiv.org/abs/2208.06677
+  """
+  if mu_dtype is not None:
+    mu_dtype = jax.dtypes.canonicalize_dtype(mu_dtype)
+
+  def init_fn(params):
+    def zeros(p, dtype):  # a fresh buffer for every leaf and field
+      return jnp.zeros(jnp.shape(p), dtype)
+
+    def mu(p):
+      return zeros(p, jnp.result_type(p) if mu_dtype is None else mu_dtype)
+
+    return _ScaleByAdanPaperState(
+        count=jnp.zeros([], jnp.int32),
+        m=jax.tree.map(mu, params),
+        v=jax.tree.map(mu, params),
+        n=jax.tree.map(lambda p: zeros(p, _real_dtype(jnp.result_type(p))),
+                       params),
+        prev_grad=jax.tree.map(lambda p: zeros(p, jnp.result_type(p)), params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    first = state.count == 0
+
+    def leaf(g, m, v, n, prev):
+      cdt = base.compute_dtype(g.dtype)
+      rdt = _real_dtype(cdt)
+      c1, c2, c3, e, er = (jnp.asarray(x).astype(rdt)
+                           for x in (b1, b2, b3, eps, eps_root))
+      k = count.astype(rdt)
+      gc = g.astype(cdt)
+      d = jnp.where(first, jnp.zeros_like(gc), gc - prev.astype(cdt))
+      m = c1 * m.astype(cdt) + (1 - c1) * gc
+      v = c2 * v.astype(cdt) + (1 - c2) * d
+      n = c3 * n.astype(rdt) + (1 - c3) * base.abs_sq(gc + c2 * d)
+      m_hat = m / (1 - c1**k)
+      v_hat = v / (1 - c2**k)
+      n_hat = n / (1 - c3**k)
+      u = (m_hat + c2 * v_hat) / (jnp.sqrt(n_hat + er) + e)
+      return u.astype(g.dtype), m, v, n, gc
+
+    grads, treedef = jax.tree.flatten(updates)
+    fields = (state.m, state.v, state.n, state.prev_grad)
+    outs = [leaf(*args) for args in zip(
+        grads, *(treedef.flatten_up_to(f) for f in fields), strict=True)]
+    u, m, v, n, g = (treedef.unflatten([o[i] for o in outs]) for i in range(5))
+    new_state = _ScaleByAdanPaperState(
+        count=count,
+        m=base.cast_like(m, state.m),
+        v=base.cast_like(v, state.v),
+        n=base.cast_like(n, state.n),
+        prev_grad=base.cast_like(g, state.prev_grad),
+    )
+    return u, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class _ProximalStepState(NamedTuple):
+  """State of `_proximal_step`.
+
+  Attributes:
+    count: number of updates done so far (int32); schedules are evaluated at it.
+  """
+
+  count: jax.Array
+
+
+def _is_zero_constant(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and x == 0
+
+
+def _decay_flags(mask: Any, params: Any) -> Any:
+  """A bool for every leaf of `params`: does it get weight decay?"""
+  if mask is None:
+    return jax.tree.map(lambda _: True, params)
+  tree = mask(params) if callable(mask) else mask
+  return jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub),
+                      tree, params)
+
+
+def _proximal_step(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
+    *,
+    proximal: bool = True,
+) -> optax.GradientTransformation:
+  r"""The learning-rate step and the weight decay of official Adan.
+
+  With `eta = learning_rate(k)` and `lambda = weight_decay(k)` (counted from 0),
+  the returned updates `U` give, through `optax.apply_updates`,
+
+  .. math::
+    \theta + U = \frac{\theta - \eta u}{1 + \eta \lambda}
+    \quad\text{(proximal)},\qquad
+    \theta + U = (1 - \eta \lambda)\, \theta - \eta u
+    \quad\text{(not proximal)},
+
+  i.e. `U = -eta (u + lambda theta) / (1 + eta lambda)` or
+  `U = -eta (u + lambda theta)`. Leaves that `mask` leaves out get `U = -eta u`.
+
+  Args:
+    learning_rate: a scalar or a schedule.
+    weight_decay: a scalar or a schedule.
+    mask: a tree of bools (a prefix of the params) or a callable returning one.
+    proximal: the proximal step (default) rather than the decoupled one.
+
+  Returns:
+    An optax.GradientTransformation.
+
+  References:
+    Xie et al., 2022, https://arxiv.org/abs/2208.06677
+  """
+  no_decay = _is_zero_constant(weight_decay)
+
+  def init_fn(params):
+    del params
+    return _ProximalStepState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    hp = base.evaluate({"learning_rate": learning_rate,
+                        "weight_decay": weight_decay}, state.count)
+    lr, wd = hp["learning_rate"], hp["weight_decay"]
+    new_state = _ProximalStepState(count=optax.safe_increment(state.count))
+    if no_decay:
+      return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), new_state
+    if params is None:
+      raise ValueError(
+          "adan with weight_decay needs the current params: call "
+          "tx.update(grads, state, params)"
+      )
+
+    def leaf(u, p, flag):
+      cdt = base.compute_dtype(u.dtype)
+      rdt = _real_dtype(cdt)
+      eta = lr.astype(rdt)
+      if not flag:
+        return (-eta * u.astype(cdt)).astype(u.dtype)
+      lam = wd.astype(rdt)
+      step = -eta * (u.astype(cdt) + lam * p.astype(cdt))
+      if proximal:
+        step = step / (1 + eta * lam)
+      return step.astype(u.dtype)
+
+    return jax.tree.map(leaf, updates, params,
+                        _decay_flags(mask, params)), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adan(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.98,
+    b2: float = 0.92,
+    b3: float = 0.99,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
+    *,
+    proximal: bool = True,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adan as in its paper (Algorithm 1) and official code, not `optax.adan`.
+
+  With the gradient `g_k`, `d_k = g_k - g_{k-1}` (`d_1 = 0`), moments starting
+  at zero, a learning rate `eta_k` and a weight decay `lambda_k` (both may be
+  schedules of the step `k - 1 = 0, 1, ...`):
+
+  .. math::
+    \begin{aligned}
+      m_k &= b_1 m_{k-1} + (1 - b_1)\, g_k, \\
+      v_k &= b_2 v_{k-1} + (1 - b_2)\, d_k, \\
+      n_k &= b_3 n_{k-1} + (1 - b_3)\, (g_k + b_2 d_k)^2, \\
+      u_k &= \frac{m_k / (1 - b_1^k) + b_2\, v_k / (1 - b_2^k)}
+                  {\sqrt{n_k / (1 - b_3^k) + \epsilon_{root}} + \epsilon}, \\
+      \theta_{k+1} &= \frac{\theta_k - \eta_k u_k}{1 + \eta_k \lambda_k}
+      \quad\text{(proximal, the default)}, \quad\text{or}\quad
+      \theta_{k+1} = (1 - \eta_k \lambda_k)\, \theta_k - \eta_k u_k.
+    \end{aligned}
+
+  (For complex parameters the square is `|.|^2`; `n` is kept real.)
+
+  This is Algorithm 1 of Xie et al. in optax's decay convention: the paper's
+  `(beta_1, beta_2, beta_3) = (0.02, 0.08, 0.01)` weight the *new* term, so
+  `b_i = 1 - beta_i`, i.e. `(b1, b2, b3) = (0.98, 0.92, 0.99)`, and the
+  paper's coefficient `1 - beta_2` of the difference in `n` and in the update
+  is `b2 = 0.92`. Bias correction, `eps` outside the root and the proximal
+  weight decay (`no_prox=False`) are those of the official PyTorch code
+  (sail-sg/Adan), which the AGR paper used (hjiang24/AGR-method,
+  `Adan_AGR.py`). The paper itself writes no bias correction and
+  `eta / sqrt(n_k + eps)`.
+
+  It differs from `optax.adan` (optax 0.2.8, an open upstream discrepancy;
+  fixed here and tested against a NumPy transcription of the official code in
+  `tests/test_adan.py`) in:
+
+  - the coefficient of `d_k` in `n` and of `v` in the update: `b2` here, as in
+    the paper; `optax.adan` uses `1 - b2` (0.08 instead of 0.92);
+  - weight decay: proximal here by default, decoupled in `optax.adan`
+    (`proximal=False` gives optax's `(1 - eta lambda) theta - eta u`);
+  - the default `eps_root`: 0 here (the official code has none), `1e-8` in
+    `optax.adan`. `eps` is outside the root in both.
+
+  Args:
+    learning_rate: a scalar or a schedule.
+    b1: decay rate of the gradient moment (`1 - beta_1` of the paper).
+    b2: decay rate of the gradient-difference moment (`1 - beta_2`).
+    b3: decay rate of the squared-term moment (`1 - beta_3`).
+    eps: added to the root of the bias-corrected `n`.
+    eps_root: added to the bias-corrected `n` inside the root.
+    weight_decay: weight decay rate `lambda` (a scalar or a schedule).
+    mask: which parameters get weight decay: a tree of bools (a prefix of the
+      params) or a callable returning one, as in `optax.adan`.
+    proximal: proximal weight decay `(theta - eta u) / (1 + eta lambda)` as in
+      the paper (default); `False` is the official code's `no_prox=True`.
+    mu_dtype: dtype of the moments `m` and `v` (default: the params' dtype).
+
+  Returns:
+    An optax.GradientTransformationExtraArgs.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import gnorm_optax as gx
+    >>> params = jnp.array([1.0, -2.0])
+    >>> tx = gx.adan(learning_rate=0.1)
+    >>> updates, state = tx.update(2 * params, tx.init(params), params)
+    >>> print(updates)   # first step: -lr * g / (|g| + eps), entry by entry
+    [-0.1  0.1]
+
+  References:
+    Xie et al., *Adan: Adaptive Nesterov Momentum Algorithm for Faster
+    Optimizing Deep Models*, 2022, https://arxiv.org/abs/2208.06677
+  """
+  return optax.chain(
+      _scale_by_adan_paper(b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root,
+                           mu_dtype=mu_dtype),
+      _proximal_step(learning_rate, weight_decay, mask, proximal=proximal),
+  )
+
+
 def agr_adan(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.98,
     b2: float = 0.92,
     b3: float = 0.99,
     eps: float = 1e-8,
-    eps_root: float = 1e-8,
+    eps_root: float = 0.0,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask=None,
+    *,
+    proximal: bool = True,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Adan with adaptive gradient regularization in front.
+  r"""Adan (as in its paper and official code) with AGR in front.
 
-  `optax.chain(adaptive_gradient_regularization(), optax.adan(...))`, with the
-  arguments and defaults of `optax.adan`.
+  `optax.chain(adaptive_gradient_regularization(), gx.adan(...))`: each
+  tensor's gradient is first rescaled by AGR,
+
+  .. math::
+    g \leftarrow g \odot \Big(1 - \frac{|g|}{\sum |g|}\Big),
+
+  then `gnorm_optax.adan` takes the step: Algorithm 1 of the Adan paper as
+  its official code implements it, which is what the AGR paper used
+  (hjiang24/AGR-method, `Adan_AGR.py`). It is *not* `optax.adan`, which
+  weights the gradient difference by `1 - b2` where the paper uses `b2`, and
+  whose weight decay is decoupled rather than proximal; see `adan` for the
+  math and every difference. Arguments are those of `adan`.
 
   Args:
     learning_rate: a scalar or a schedule.
-    b1: decay rate of the gradient moment.
-    b2: decay rate of the gradient-difference moment.
-    b3: decay rate of the squared-term moment.
-    eps: added to the denominator.
-    eps_root: added inside the square root.
-    weight_decay: decoupled weight decay rate.
-    mask: which parameters get weight decay (see `optax.adan`).
+    b1: decay rate of the gradient moment (`1 - beta_1` of the paper).
+    b2: decay rate of the gradient-difference moment (`1 - beta_2`).
+    b3: decay rate of the squared-term moment (`1 - beta_3`).
+    eps: added to the root of the bias-corrected `n`.
+    eps_root: added to the bias-corrected `n` inside the root.
+    weight_decay: weight decay rate `lambda` (a scalar or a schedule).
+    mask: which parameters get weight decay (see `adan`).
+    proximal: proximal weight decay as in the paper (default); `False` is
+      the decoupled one.
+    mu_dtype: dtype of the moments `m` and `v` (default: the params' dtype).
 
   Returns:
     An optax.GradientTransformationExtraArgs.
@@ -183,14 +511,7 @@ def agr_adan(
   """
   return optax.chain(
       adaptive_gradient_regularization(),
-      optax.adan(
-          learning_rate,
-          b1=b1,
-          b2=b2,
-          b3=b3,
-          eps=eps,
-          eps_root=eps_root,
-          weight_decay=weight_decay,
-          mask=mask,
-      ),
+      adan(learning_rate, b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root,
+           weight_decay=weight_decay, mask=mask, proximal=proximal,
+           mu_dtype=mu_dtype),
   )

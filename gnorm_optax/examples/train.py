@@ -9,6 +9,24 @@ such as ``--method sgd,gr,flooding`` compares other methods, ``--seed 0``
 runs one seed. The results (JSON) and the learning curves (PNG) go to
 ``--out-dir`` (default ``runs/``). See ``--help`` for every option.
 
+Out-of-range arguments (``--batch-size 0``, ``--lr nan``, ``--label-noise 1``,
+a ``--batch-size`` above the number of training samples, ...) are refused
+before any work with argparse's one-line error and exit status 2.
+``--probe-size 0`` skips the final gradient norm and Hessian eigenvalue.
+
+A run whose training loss or parameters stop being finite stops at the end
+of that epoch and prints ``<method> seed <s>: diverged at epoch N (loss=nan)``;
+its results are still written (``"diverged": true`` and the epoch, JSON
+``null`` for the non-finite numbers) and the summary table marks its method
+as diverged. The other methods and seeds run on, and the exit status stays 0.
+
+With ``--checkpoint-dir``, each run also records its arguments (all but the
+output paths, ``--probe-size`` and ``--hessian-iters``, which only change the
+final measurements) in ``run_args.json`` next to its checkpoints. Resuming
+it with other arguments would splice two different runs, so it is refused
+with an error naming the flags that differ; use a new ``--checkpoint-dir``
+or delete the old one.
+
 From Python, ``run(TrainConfig(method="sam"))`` trains one model and returns
 its history and diagnostics as a JSON-serialisable dict.
 
@@ -59,6 +77,14 @@ SUMMARY_METRICS = (
     "hessian_top_eigenvalue",
 )
 _EVAL_CHUNK = 1000  # test samples per forward pass in `evaluate`
+# Training samples of each data set (digits: 1797 minus the 25% test split),
+# so that the command line can check --batch-size before loading anything.
+TRAIN_SET_SIZES = {"digits": 1348, "mnist": 60_000, "fashion_mnist": 60_000,
+                   "cifar10": 50_000}  # fmt: skip
+# The file in a run's checkpoint directory that records its arguments, and the
+# TrainConfig fields left out of it (they do not change the training).
+RUN_ARGS_FILE = "run_args.json"
+_NOT_RUN_ARGS = ("data_dir", "checkpoint_dir", "probe_size", "hessian_iters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +112,9 @@ class TrainConfig:
     test_size: keep at most this many test samples (None: all).
     probe_size: number of training samples (the first ones, with their noisy
       labels) on which the final gradient norm and Hessian eigenvalue are
-      measured.
-    hessian_iters: power iterations for the top Hessian eigenvalue; 0 skips
-      it (the result then holds None).
+      measured; 0 skips both (the results then hold None).
+    hessian_iters: the most Lanczos steps for the top Hessian eigenvalue; 0
+      skips it (the result then holds None).
     seed: seed for the split, the label noise, the weights and the batches.
     data_dir: where downloaded data sets are cached (None: the data module's
       default); digits needs none.
@@ -97,7 +123,8 @@ class TrainConfig:
       after every epoch with orbax-checkpoint, in a sub-directory named after
       the data set, model, method and seed, and resumes from the latest
       checkpoint when one is present; the resumed run continues exactly as an
-      uninterrupted one.
+      uninterrupted one. The run's arguments are recorded there too
+      (``RUN_ARGS_FILE``), and resuming with other ones raises a ValueError.
   """
 
   method: str = "sam"
@@ -318,13 +345,16 @@ def flatness(
     model: the classifier; left in evaluation mode.
     x: inputs of the probe set.
     y: labels of the probe set.
-    key: start vector of the power iteration.
-    hessian_iters: power iterations; 0 skips the eigenvalue.
+    key: start vector of the Lanczos iteration.
+    hessian_iters: the most Lanczos steps; 0 skips the eigenvalue.
 
   Returns:
-    ``{"grad_norm": float, "hessian_top_eigenvalue": float or None}``.
+    ``{"grad_norm": float, "hessian_top_eigenvalue": float or None}``; both
+    None for an empty probe set.
   """
   model.eval()
+  if len(y) == 0:
+    return {"grad_norm": None, "hessian_top_eigenvalue": None}
   grad_norm, top = _flatness(model, x, y, key, hessian_iters)
   return {
       "grad_norm": float(grad_norm),
@@ -337,17 +367,67 @@ def flatness(
 # ----------------------------------------------------------------------------
 
 
-def _checkpoint_manager(config: TrainConfig):
-  """The orbax CheckpointManager of one run (one directory per method/seed)."""
+def _run_dir(config: TrainConfig) -> pathlib.Path:
+  """The checkpoint directory of one run (one per data set/model/method/seed)."""
   name = f"{config.dataset}_{config.model}_{config.method}_seed{config.seed}"
-  path = pathlib.Path(config.checkpoint_dir).absolute() / name
+  return pathlib.Path(config.checkpoint_dir).absolute() / name
+
+
+def _checkpoint_manager(config: TrainConfig):
+  """The orbax CheckpointManager of one run."""
   options = ocp.CheckpointManagerOptions(max_to_keep=1)
-  return ocp.CheckpointManager(path, options=options)
+  return ocp.CheckpointManager(_run_dir(config), options=options)
+
+
+def run_args(config: TrainConfig) -> dict[str, Any]:
+  """The settings that define a run's training (``lr`` resolved), as JSON."""
+  if config.lr is None:
+    config = dataclasses.replace(config, lr=default_lr(config.method))
+  args = dataclasses.asdict(config)
+  return {k: v for k, v in args.items() if k not in _NOT_RUN_ARGS}
+
+
+def resume_conflict(config: TrainConfig) -> str | None:
+  """Why ``config`` may not resume its checkpoint directory, or None if it may.
+
+  Args:
+    config: the run; its ``checkpoint_dir`` may hold an earlier run's
+      ``RUN_ARGS_FILE``.
+
+  Returns:
+    None without a checkpoint directory, without a record or with the same
+    ``run_args``; otherwise a one-line message naming the flags that differ
+    with their recorded and new values.
+  """
+  if config.checkpoint_dir is None:
+    return None
+  path = _run_dir(config) / RUN_ARGS_FILE
+  if not path.exists():
+    return None
+  old, new = json.loads(path.read_text()), run_args(config)
+  diffs = [
+      f"--{key.replace('_', '-')} {old.get(key)} (now {new.get(key)})"
+      for key in dict.fromkeys([*old, *new])
+      if old.get(key) != new.get(key)
+  ]
+  if not diffs:
+    return None
+  return (
+      f"{path.parent} holds a run with other arguments: {', '.join(diffs)}; "
+      "use a new --checkpoint-dir (or delete the old one) instead of splicing "
+      "two runs"
+  )
 
 
 def _pure_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, Any]:
   """Model and optimizer state as plain arrays."""
   return nnx.as_pure({"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
+
+
+def _params_finite(model: nnx.Module) -> bool:
+  """Whether every parameter of ``model`` is finite."""
+  params = jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.Param)))
+  return all(bool(jnp.isfinite(p).all()) for p in params)
 
 
 def _is_key(x: Any) -> bool:
@@ -429,8 +509,15 @@ def run(
     ``num_params``, per-epoch ``train_loss`` (mean over the epoch's batches,
     on the noisy labels, in training mode) and ``test_accuracy``, the
     ``final_train_loss``, ``final_test_accuracy``, the final ``grad_norm``
-    and ``hessian_top_eigenvalue`` on the probe set (see ``flatness``) and
-    ``wall_time_s``.
+    and ``hessian_top_eigenvalue`` on the probe set (see ``flatness``),
+    ``diverged`` and ``diverged_epoch`` and ``wall_time_s``. A run diverges
+    when its epoch's train loss or its parameters are not finite: it stops
+    after that epoch (saving no checkpoint of it), ``diverged_epoch`` is the
+    epoch (else None) and the probe is skipped (None).
+
+  Raises:
+    ValueError: for an out-of-range setting, or if ``checkpoint_dir`` holds
+      a run with other ``run_args`` (see ``resume_conflict``).
   """
   start = time.perf_counter()
   if config.epochs < 1:
@@ -440,6 +527,8 @@ def run(
         "hessian_iters must be >= 0 (0 skips the eigenvalue), "
         f"got {config.hessian_iters}"
     )
+  if config.probe_size < 0:
+    raise ValueError(f"probe_size must be >= 0 (0 skips), got {config.probe_size}")
   if config.lr is None:
     config = dataclasses.replace(config, lr=default_lr(config.method))
   ds = data.load_dataset(
@@ -450,6 +539,11 @@ def run(
       max_train=config.train_size,
       max_test=config.test_size,
   )
+  if not 1 <= config.batch_size <= len(ds.x_train):
+    raise ValueError(
+        f"batch_size must be in [1, {len(ds.x_train)}] (the training samples), "
+        f"got {config.batch_size}"
+    )
   steps = config.epochs * (len(ds.x_train) // config.batch_size)
   model = make_model(
       config.model, config.seed, ds.x_train.shape[1:], data.NUM_CLASSES
@@ -472,7 +566,10 @@ def run(
   mngr = None if config.checkpoint_dir is None else _checkpoint_manager(config)
   done = 0
   if mngr is not None and mngr.latest_step() is not None:
+    if conflict := resume_conflict(config):
+      raise ValueError(conflict)
     done, history = restore_checkpoint(mngr, model, optimizer, batch_rng)
+  diverged_epoch = None
   for epoch in range(done + 1, config.epochs + 1):
     model.train()
     losses = [
@@ -483,12 +580,18 @@ def run(
     ]
     history["train_loss"].append(float(np.mean(jax.device_get(losses))))
     history["test_accuracy"].append(evaluate(model, ds.x_test, ds.y_test))
-    if mngr is not None:
+    if not (np.isfinite(history["train_loss"][-1]) and _params_finite(model)):
+      diverged_epoch = epoch
+    elif mngr is not None:
       save_checkpoint(mngr, epoch, model, optimizer, batch_rng, history)
+      if epoch == done + 1:  # this process's first save: record the run
+        (_run_dir(config) / RUN_ARGS_FILE).write_text(json.dumps(run_args(config)))
     if on_epoch is not None:
       on_epoch(epoch, history["train_loss"][-1], history["test_accuracy"][-1])
+    if diverged_epoch is not None:
+      break
 
-  probe = slice(0, config.probe_size)
+  probe = slice(0, 0 if diverged_epoch is not None else config.probe_size)
   diagnostics = flatness(
       model,
       ds.x_train[probe],
@@ -503,6 +606,8 @@ def run(
       "final_train_loss": history["train_loss"][-1],
       "final_test_accuracy": history["test_accuracy"][-1],
       **diagnostics,
+      "diverged": diverged_epoch is not None,
+      "diverged_epoch": diverged_epoch,
       "wall_time_s": time.perf_counter() - start,
   }
 
@@ -539,11 +644,19 @@ def run_experiment(
         bar.update()
 
       results.append(run(config, on_epoch=on_epoch))
+      if results[-1]["diverged"]:
+        tqdm.write(
+            f"{config.method} seed {config.seed}: diverged at epoch "
+            f"{results[-1]['diverged_epoch']} "
+            f"(loss={results[-1]['final_train_loss']:.4g})"
+        )
+        bar.update(config.epochs - len(results[-1]["train_loss"]))
   return results
 
 
 def mean_std(values: Sequence[float | None]) -> dict[str, float | None]:
-  """Mean and sample standard deviation (0 for one value); None if any is None.
+  """Mean and sample standard deviation (0 for one value); None if any value
+  is None or not finite.
 
   Args:
     values: one number per seed.
@@ -551,7 +664,7 @@ def mean_std(values: Sequence[float | None]) -> dict[str, float | None]:
   Returns:
     ``{"mean": ..., "std": ...}``.
   """
-  if not values or any(v is None for v in values):
+  if not values or any(v is None or not np.isfinite(v) for v in values):
     return {"mean": None, "std": None}
   std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
   return {"mean": float(np.mean(values)), "std": std}
@@ -565,8 +678,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
   Returns:
     One row per method, in order of first appearance:
-    ``{"method", "seeds", "wall_time_s", <metric>: {"mean", "std"}, ...}``,
-    ``wall_time_s`` being the mean time of one run.
+    ``{"method", "seeds", "diverged_seeds", "wall_time_s", <metric>: {"mean",
+    "std"}, ...}``, ``wall_time_s`` being the mean time of one run.
   """
   methods = list(dict.fromkeys(r["config"]["method"] for r in results))
   rows = []
@@ -575,6 +688,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows.append({
         "method": method,
         "seeds": [r["config"]["seed"] for r in runs],
+        "diverged_seeds": [r["config"]["seed"] for r in runs if r.get("diverged")],
         **{m: mean_std([r[m] for r in runs]) for m in SUMMARY_METRICS},
         "wall_time_s": float(np.mean([r["wall_time_s"] for r in runs])),
     })
@@ -604,9 +718,17 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return text if seeds == 1 else f"{text} ± {format(stat['std'], fmt)}"
 
   header = ["method", *(title for title, _, _ in columns), "s/run"]
+
+  def name(row: dict[str, Any]) -> str:
+    diverged, seeds = row.get("diverged_seeds"), row["seeds"]
+    if not diverged:
+      return row["method"]
+    which = "" if len(seeds) == 1 else f" seed {','.join(map(str, diverged))}"
+    return f"{row['method']} (diverged{which})"
+
   body = [
       [
-          row["method"],
+          name(row),
           *(cell(row[key], fmt, len(row["seeds"])) for _, key, fmt in columns),
           f"{row['wall_time_s']:.1f}",
       ]
@@ -639,7 +761,10 @@ def plot_curves(results: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
   for row in summarize(results):
     runs = [r for r in results if r["config"]["method"] == row["method"]]
     for ax, key in zip(axes, ("train_loss", "test_accuracy"), strict=True):
-      curves = np.array([r[key] for r in runs])
+      # Diverged runs stop early: pad them, and draw no non-finite point.
+      length = max(len(r[key]) for r in runs)
+      curves = np.array([r[key] + [np.nan] * (length - len(r[key])) for r in runs])
+      curves[~np.isfinite(curves)] = np.nan
       epochs = np.arange(1, curves.shape[1] + 1)
       mean, std = curves.mean(axis=0), curves.std(axis=0)
       (line,) = ax.plot(epochs, mean, label=row["method"])
@@ -655,6 +780,17 @@ def plot_curves(results: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
   axes[1].legend()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def _finite_or_none(obj: Any) -> Any:
+  """``obj`` with NaN and infinite floats replaced by None (JSON's null)."""
+  if isinstance(obj, float):
+    return obj if np.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: _finite_or_none(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_finite_or_none(v) for v in obj]
+  return obj
 
 
 def save_results(
@@ -678,7 +814,7 @@ def save_results(
       "summary": summarize(results),
       "runs": list(results),
   }
-  json_path.write_text(json.dumps(record, indent=1, allow_nan=False))
+  json_path.write_text(json.dumps(_finite_or_none(record), indent=1, allow_nan=False))
   plot_curves(results, png_path)
   return json_path, png_path
 
@@ -723,14 +859,46 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     The seeds, in the given order, without duplicates.
 
   Raises:
-    argparse.ArgumentTypeError: if an item is not an integer.
+    argparse.ArgumentTypeError: if an item is not an integer in [0, 2**63)
+      (what numpy's and JAX's generators accept).
   """
   try:
-    return tuple(dict.fromkeys(int(s) for s in text.split(",")))
+    seeds = tuple(dict.fromkeys(int(s) for s in text.split(",")))
   except ValueError:
+    seeds = ()
+  if not seeds or not all(0 <= s < 2**63 for s in seeds):
     raise argparse.ArgumentTypeError(
-        f"invalid seeds: '{text}' (expected integers separated by commas, e.g. 0,1,2)"
-    ) from None
+        f"invalid seeds: '{text}' (expected integers in [0, 2**63) separated by "
+        "commas, e.g. 0,1,2)"
+    )
+  return seeds
+
+
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], rule: str):
+  """An argparse ``type=``: ``convert(text)``, refused unless ``ok`` of it."""
+
+  def parse(text: str) -> Any:
+    try:
+      value = convert(text)
+    except ValueError:
+      value = None
+    if value is None or not ok(value):
+      raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+    return value
+
+  return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+finite_float = _checked(float, np.isfinite, "a finite number")
+positive_float = _checked(
+    float, lambda v: np.isfinite(v) and v > 0, "a finite number > 0"
+)
+nonnegative_float = _checked(
+    float, lambda v: np.isfinite(v) and v >= 0, "a finite number >= 0"
+)
+unit_fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -738,6 +906,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m gnorm_optax.examples.train",
       description=__doc__.split("\n\n")[0],
+      epilog="A run whose loss or parameters stop being finite stops there, is "
+      "marked diverged in the table and the JSON (null for non-finite numbers), "
+      "and the other runs go on; the exit status stays 0. --checkpoint-dir "
+      "refuses to resume a run that was started with other arguments.",
   )
   default = Experiment()
   parser.add_argument(
@@ -759,20 +931,25 @@ def build_parser() -> argparse.ArgumentParser:
   options = [
       ("--model", str, tuple(MODELS), "architecture"),
       ("--dataset", str, data.DATASETS, "data set"),
-      ("--epochs", int, None, "passes over the training set"),
-      ("--batch-size", int, None, "mini-batch size"),
-      ("--lr", float, None, "peak learning rate (default: 0.02, 3e-3 for agr_*)"),
-      ("--momentum", float, None, "momentum of the SGD methods"),
-      ("--rho", float, None, "perturbation radius of sam and gnp"),
-      ("--alpha", float, None, "gnp's mix of clean and perturbed gradients"),
-      ("--gamma", float, None, "penalty strength of gr, fdgr and bdgr"),
-      ("--epsilon", float, None, "finite-difference step of fdgr and bdgr"),
-      ("--flood-level", float, None, "flood level of flooding"),
-      ("--label-noise", float, None, "fraction of wrong training labels"),
-      ("--train-size", int, None, "use at most this many training samples"),
-      ("--test-size", int, None, "use at most this many test samples"),
-      ("--probe-size", int, None, "training samples for grad norm and top eig"),
-      ("--hessian-iters", int, None, "power iterations for the top eig (0: skip)"),
+      ("--epochs", positive_int, None, "passes over the training set"),
+      ("--batch-size", positive_int, None,
+       "mini-batch size, at most the number of training samples"),
+      ("--lr", positive_float, None,
+       "peak learning rate (default: 0.02, 3e-3 for agr_*)"),
+      ("--momentum", unit_fraction, None, "momentum of the SGD methods"),
+      ("--rho", nonnegative_float, None, "perturbation radius of sam and gnp"),
+      ("--alpha", finite_float, None, "gnp's mix of clean and perturbed gradients"),
+      ("--gamma", nonnegative_float, None, "penalty strength of gr, fdgr and bdgr"),
+      ("--epsilon", positive_float, None, "finite-difference step of fdgr and bdgr"),
+      ("--flood-level", nonnegative_float, None, "flood level of flooding"),
+      ("--label-noise", unit_fraction, None,
+       "fraction of wrong training labels, in [0, 1)"),
+      ("--train-size", positive_int, None, "use at most this many training samples"),
+      ("--test-size", positive_int, None, "use at most this many test samples"),
+      ("--probe-size", nonnegative_int, None,
+       "training samples for grad norm and top eig (0: skip both)"),
+      ("--hessian-iters", nonnegative_int, None,
+       "most Lanczos steps for the top eig (0: skip)"),
       ("--data-dir", str, None, "cache directory of downloaded data sets"),
       ("--checkpoint-dir", str, None,
        "save a checkpoint after every epoch there, and resume from it"),
@@ -791,12 +968,30 @@ def parse_args(argv: Sequence[str] | None = None) -> Experiment:
   Args:
     argv: the arguments without the program name.
 
+  Exits with argparse's error (status 2) for an argument out of range, a
+  ``--batch-size`` above the number of training samples, or a
+  ``--checkpoint-dir`` that holds a run with other arguments.
+
   Returns:
     The ``Experiment`` they describe.
   """
-  args = vars(build_parser().parse_args(argv))
+  parser = build_parser()
+  args = vars(parser.parse_args(argv))
   methods, seeds, out_dir = args.pop("methods"), args.pop("seeds"), args.pop("out_dir")
-  return Experiment(methods, seeds, TrainConfig(**args), out_dir)
+  experiment = Experiment(methods, seeds, TrainConfig(**args), out_dir)
+  config = experiment.config
+  n_train, where = TRAIN_SET_SIZES[config.dataset], f"in {config.dataset}"
+  if config.train_size is not None and config.train_size < n_train:
+    n_train, where = config.train_size, f"with --train-size {config.train_size}"
+  if config.batch_size > n_train:
+    parser.error(
+        "argument --batch-size: must be at most the number of training samples "
+        f"({n_train} {where}), got {config.batch_size}"
+    )
+  for run_config in experiment.configs():
+    if conflict := resume_conflict(run_config):
+      parser.error(f"argument --checkpoint-dir: {conflict}")
+  return experiment
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

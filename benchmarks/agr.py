@@ -10,8 +10,9 @@ default hyper-parameters (AdamW weight decay 1e-4, Adan 0), the same seed
 (split, initial weights, batch order). The AGR optimizers come from the
 example's `make_optimizer`; the plain ones are `optax.adamw` and `gx.adan`
 (Adan as in its paper and official code, which `gx.agr_adan` puts AGR in
-front of; `optax.adan` differs from it) with the same schedule. The loop is the example's (`train_step`, `evaluate`,
-`flatness`), written out here to keep every per-step loss.
+front of; `optax.adan` differs from it) with the same schedule. The loop is
+the example's (`train_step`, `evaluate`, `flatness`), written out here to keep
+every per-step loss.
 
 Speed: the first epoch whose mean training loss (the example's `train_loss`)
 is below each target, and the first step at which the mean of the last 21

@@ -47,7 +47,7 @@ COMPARISONS = {
     "optax.contrib.sam (opaque)": ("plain sgd", None),
     "gx.sam ": ("plain sgd", None),
     "agr_adamw": ("optax.adamw", 1.02),
-    "agr_adan": ("optax.adan", 1.02),
+    "agr_adan": ("gx.adan", 1.02),
 }
 # Variants whose extra working memory should stay within one parameter copy.
 ONE_COPY = ("gx.sam", "penalized_grad", "finite_difference_gr (forward)")
@@ -75,7 +75,8 @@ def variants():
     out[f"sam every_k={k}"] = (optax.chain(gx.sam(RHO, every_k=k), sgd()), False)
   out["optax.adamw"] = (optax.adamw(1e-3), False)
   out["agr_adamw"] = (gx.agr_adamw(1e-3), False)
-  out["optax.adan"] = (optax.adan(1e-3), False)
+  # The paper's Adan (gx.adan), which gx.agr_adan puts AGR in front of.
+  out["gx.adan"] = (gx.adan(1e-3), False)
   out["agr_adan"] = (gx.agr_adan(1e-3), False)
   return out
 

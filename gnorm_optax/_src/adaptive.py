@@ -38,10 +38,12 @@ def adaptive_gradient_regularization() -> optax.GradientTransformationExtraArgs:
   zero (never NaN). The map is scale-equivariant: `AGR(c g) = c AGR(g)`. Put it
   in front of the optimizer, as `agr_adamw` and `agr_adan` do.
 
-  A tensor with a single entry always gets `alpha = 1`: its gradient is zeroed
-  on every step, so a scalar parameter (a learned temperature, a gate) does not
-  train under AGR; leave such leaves out with `optax.masked` or
-  `optax.partition`. Large tensors are barely touched (each entry is a small
+  A tensor whose gradient has a single nonzero entry gets `alpha = 1` there
+  and maps to zero: this is the published formula (hjiang24/AGR-method,
+  `AGR.py`), not a fault. A tensor with a single entry is always in that case:
+  its gradient is zeroed on every step, so a scalar parameter (a learned
+  temperature, a gate) does not train under AGR; leave such leaves out with
+  `optax.masked` or `optax.partition`. Large tensors are barely touched (each entry is a small
   share of the sum); the factor bites on small ones such as biases.
 
   Returns:

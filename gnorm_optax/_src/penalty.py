@@ -227,6 +227,13 @@ def sam(
   and returns an unscaled gradient, which diverges. Two second-gradient
   transforms chained one after the other raise a ValueError.
 
+  SAM stops where the gradient at the perturbed point vanishes,
+  `grad L(theta + rho g/||g||) = 0`, not where `grad L(theta) = 0`: on
+  Rosenbrock's curved valley it comes to rest in the flat part of the valley,
+  short of the minimum, as the peer implementations do. That is the method
+  (it trades loss for flatness), not a fault; with `rho` decayed to zero by a
+  schedule, SAM becomes plain gradient descent.
+
   Low-precision params, `perturb_dtype` and the fault semantics are as in
   `penalized_grad`.
 

@@ -17,6 +17,7 @@ Run:  python benchmarks/step_cost.py              (writes benchmarks/RESULTS.md)
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import time
 
@@ -180,6 +181,7 @@ def main(argv=None):
   parser.add_argument("--no-write", action="store_true", help="print only")
   args = parser.parse_args(argv)
   t_start = time.perf_counter()
+  load_start = os.getloadavg()[0]
   if args.small:
     models, rounds, steps = {"mlp": 10}, 2, None
   else:
@@ -220,6 +222,7 @@ def main(argv=None):
           f"{fmt_mem(mem, 'output', param_bytes)} | {c.get('conv', '?')} | "
           f"{c.get('dot', '?')} | {c.get('cond', '?')} |")
   runtime = time.perf_counter() - t_start
+  load_end = os.getloadavg()[0]
   command = "python benchmarks/step_cost.py" + (" --small" if args.small else "")
   steps_desc = ", ".join(f"{m}: {n}" for m, n in models.items())
   lines = [
@@ -234,9 +237,9 @@ def main(argv=None):
       "updates discarded in every variant). Median over "
       f"{rounds} interleaved rounds (order alternating) of jitted steps "
       f"({steps_desc} steps a round) after warm-up; the ratio is the median of "
-      "the per-round ratios, quartiles in brackets. The 2 CPU cores were "
-      "shared with other benchmarks running at the same time, so single "
-      f"timings are noisy. Total runtime {runtime:.0f} s.",
+      "the per-round ratios, quartiles in brackets. Load average (1 min) "
+      f"{load_start:.1f} at the start and {load_end:.1f} at the end on "
+      f"{os.cpu_count()} CPU(s). Total runtime {runtime:.0f} s.",
       f"Command: `{command}`",
       "",
       f"Hyperparameters: lr {LR}, rho {RHO}, alpha {ALPHA} (penalized_grad), "

@@ -7,8 +7,8 @@ float64 property tests.
   (NaN in, NaN out) without poisoning the state; `optax.apply_if_finite`
   around the chain skips such steps and leaves the inner state untouched.
   Degenerate steps (a perturbation lost to bfloat16 rounding or to a tiny
-  epsilon) are counted, `perturb_dtype` keeps the perturbation, and a
-  gradient whose squares overflow still perturbs. `optax.lookahead`'s pattern.
+  epsilon, or an overflowing norm) are counted, and `perturb_dtype` keeps the
+  perturbation. `optax.lookahead`'s pattern.
 - Bad input: params of another tree than the state was built for; string and
   NaN hyperparameters; use inside `optax.masked` / `optax.partition`.
 - Composition: `optax.MultiSteps` (both placements, against a hand
@@ -209,17 +209,21 @@ def test_finite_difference_step_below_rounding_is_counted():
   assert float(state.perturbation_error) < 0.01
 
 
-def test_gradient_whose_squares_overflow_still_perturbs():
-  """One entry of 1e20 in float32: |g|^2 overflows, but the norm is computed
-  scale-safely, so SAM still steps rho along g/|g| (not zero: not SGD)."""
+def test_gradient_whose_squares_overflow_is_counted():
+  """One entry of 1e20 in float32: |g|^2 overflows, the normalized step is
+  zero and SAM takes the gradient at theta (an SGD step): counted, not silent."""
   params = jnp.ones(3, jnp.float32)
   g = jnp.array([1e20, 1.0, -1.0], jnp.float32)
-  # A gradient that scales with the first coordinate: g' = g * theta'_0.
-  grad_fn = lambda p: g * p[0]
+  grad_fn = lambda p: g * p[0]  # g' = g * theta'_0 shows where it was taken
   tx = gx.sam(0.05)
   out, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
-  np.testing.assert_allclose(out, 1.05 * g, rtol=1e-6)  # theta'_0 = 1 + rho
-  assert int(state.nonfinite_count) == 0 and int(state.degenerate_count) == 0
+  np.testing.assert_array_equal(out, g)  # theta' = theta
+  assert int(state.nonfinite_count) == 0
+  assert int(state.degenerate_count) == 1
+  assert float(state.perturbation_error) == 1.0
+  # A gradient of ordinary size is not counted.
+  _, state = tx.update(g.at[0].set(3.0), tx.init(params), params, grad_fn=grad_fn)
+  assert int(state.degenerate_count) == 0
 
 
 def test_lookahead_around_the_base_optimizer():

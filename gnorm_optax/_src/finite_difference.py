@@ -22,12 +22,14 @@ def hessian_direction(probe, direction, g, params, epsilon, scheme):
   """
   if scheme == "exact":
     return base.upcast(sharpness.hvp(probe.grad_fn, params, direction))
+  # epsilon * g can fall below the params' resolution in any dtype: measure.
+  at = lambda s: probe(direction, s, measure=True)
   if scheme == "forward":
-    hi, lo, width = probe(direction, epsilon), g, epsilon
+    hi, lo, width = at(epsilon), g, epsilon
   elif scheme == "backward":
-    hi, lo, width = g, probe(direction, -epsilon), epsilon
+    hi, lo, width = g, at(-epsilon), epsilon
   else:
-    hi, lo = probe(direction, epsilon), probe(direction, -epsilon)
+    hi, lo = at(epsilon), at(-epsilon)
     width = 2 * epsilon
   return jax.tree.map(lambda a, b: (a - b) / width, hi, lo)
 

@@ -11,9 +11,10 @@ import optax
 from gnorm_optax._src import base
 
 
-def _normalize(g: base.Updates, eps: jax.Array) -> base.Updates:
+def _normalize(g: base.Updates, eps: jax.Array) -> tuple[base.Updates, jax.Array]:
+  """`g / (||g|| + eps)`, and `||g||`."""
   norm = base.global_norm(g)
-  return jax.tree.map(lambda x: x / (norm + eps), g)
+  return jax.tree.map(lambda x: x / (norm + eps), g), norm
 
 
 def _adaptive_scale(params: base.Params, eta, adaptive_mask) -> base.Updates:
@@ -36,14 +37,16 @@ def _adaptive_scale(params: base.Params, eta, adaptive_mask) -> base.Updates:
 def _perturbation(
     g: base.Updates, params: base.Params, rho, eps, adaptive: bool, eta,
     adaptive_mask=None,
-) -> base.Updates:
-  """`rho * g / ||g||`, or ASAM's `rho * T^2 g / ||T g||` with `T = |theta| + eta`."""
+) -> tuple[base.Updates, jax.Array]:
+  """`rho * g / ||g||`, or ASAM's `rho * T^2 g / ||T g||` with `T = |theta| + eta`;
+  and the norm it divides by."""
   if not adaptive:
-    return jax.tree.map(lambda x: rho * x, _normalize(g, eps))
+    unit, norm = _normalize(g, eps)
+    return jax.tree.map(lambda x: rho * x, unit), norm
   t = _adaptive_scale(params, eta, adaptive_mask)
   tg = jax.tree.map(jnp.multiply, t, g)
   norm = base.global_norm(tg)
-  return jax.tree.map(lambda ti, tgi: rho * ti * tgi / (norm + eps), t, tg)
+  return jax.tree.map(lambda ti, tgi: rho * ti * tgi / (norm + eps), t, tg), norm
 
 
 def penalized_grad(
@@ -76,7 +79,7 @@ def penalized_grad(
 
   `alpha = 1` is SAM; `alpha = 0` or `rho = 0` gives `g` back exactly.
   `||.||` is the global L2 norm over the whole tree, computed in float32 at
-  least, scale-safely, and as `sqrt(sum |x|^2)` for complex leaves (optax's
+  least, and as `sqrt(sum |x|^2)` for complex leaves (optax's
   convention: the gradient of complex params is the conjugate of what
   `jax.grad` returns, and `grad_fn` must return it the same way; `value_fn=`
   does so itself). `adaptive=True` takes ASAM's scale-invariant step
@@ -161,13 +164,14 @@ def penalized_grad(
         "or drop adaptive_mask")
 
   def clean(g, hp):
-    return _normalize(g, hp["eps"]) if normalize_clean else g
+    return _normalize(g, hp["eps"])[0] if normalize_clean else g
 
   def correction_fn(probe, g_perturb, g, params, hp):
-    step = _perturbation(
+    step, norm = _perturbation(
         g_perturb, params, hp["rho"], hp["eps"], adaptive, hp["eta"],
         adaptive_mask,
     )
+    probe.lost(jnp.isinf(norm))  # squares overflowed: the step is zero
     return jax.tree.map(jnp.subtract, probe(step), clean(g, hp))
 
   def apply_fn(g, d, hp):

@@ -83,15 +83,6 @@ def global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(abs_sq(x)) for x in leaves))
 
 
-def real_vdot(a: Any, b: Any) -> jax.Array:
-  """`sum(real(conj(a) * b))` over the leaves, in at least float32."""
-  return sum(
-      (jnp.sum(jnp.real(jnp.conj(x) * y)) for x, y in zip(
-          jax.tree.leaves(upcast(a)), jax.tree.leaves(upcast(b)), strict=True)),
-      start=jnp.zeros((), jnp.float32),
-  )
-
-
 def tree_all_finite(tree: Any) -> jax.Array:
   """True when every element of every leaf is finite."""
   leaves = jax.tree.leaves(tree)

@@ -522,9 +522,13 @@ class Probe:
   def _measure(self, point: Params, step: Updates) -> None:
     # One reduction per leaf for both sums (a diagnostic: its cost, not its
     # summation order, matters).
+    # (No reshape: it is not defined on explicitly sharded arrays.)
+    def sums_of(x, p, d):
+      pair = jnp.stack([abs_sq(upcast(x) - upcast(p) - d), abs_sq(d)])
+      return jnp.sum(pair, axis=tuple(range(1, pair.ndim)))
+
     per_leaf = (
-        jnp.sum(jnp.stack([abs_sq(upcast(x) - upcast(p) - d), abs_sq(d)])
-                .reshape(2, -1), axis=1)
+        sums_of(x, p, d)
         for x, p, d in zip(jax.tree.leaves(point), jax.tree.leaves(self._params),
                            jax.tree.leaves(step), strict=True))
     sums = sum(per_leaf, start=jnp.zeros([2], jnp.float32))
@@ -722,6 +726,8 @@ def second_gradient_transformation(
       d = jax.tree.map(lambda di: jnp.where(finite, di, jnp.zeros_like(di)), d)
       error = jnp.max(jnp.stack(probe.errors)) if probe.errors else jnp.zeros([])
       error = error.astype(jnp.float32)
+      if axis_name is not None:  # one value for all devices (and the state)
+        error = jax.lax.pmax(error, axis_name)
       # A non-finite step is a non-finite fault, counted as such.
       return d, finite, error, (error > 0.5) & finite
 

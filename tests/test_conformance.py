@@ -285,8 +285,14 @@ def in_front_of(case: Case, tx, base):
 # ----------------------------------------------------------------------------
 
 
-@parametrize_cases
-@pytest.mark.parametrize("wrap", ["plain", "inject"])
+# Under inject_hyperparams, one case per kind of inner state (the wrapper
+# adds the same hyperparameter dict to each): compiles are the suite's cost.
+_INJECT_DONATION = ("sam", "finite_difference_gr-central",
+                    "gradient_regularization", "flooding", "agr_adamw", "adan")
+
+
+@pytest.mark.parametrize("case,wrap", [(c, "plain") for c in CASES] + [
+    (c, "inject") for c in CASES if c.id in _INJECT_DONATION], ids=str)
 def test_jit_with_donated_state_traces_once(case, wrap):
   """The standard Flax / big_vision step: params and state donated, straight
   from `tx.init` (no two state leaves may share a buffer), one trace."""

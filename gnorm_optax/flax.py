@@ -31,7 +31,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from flax import nnx
+
+from gnorm_optax._src.optional import missing_extra
+
+try:
+  from flax import nnx
+except ModuleNotFoundError as e:
+  raise missing_extra(e, module="gnorm_optax.flax", extra="flax") from e
 
 # How many paths an error message lists before eliding the rest.
 _SHOWN_PATHS = 6
@@ -134,8 +140,9 @@ def _pure_loss(
     # the model's paths: a Module passed in the arguments stays constant.
     return path[0] == 0 and tuple(path[1:]) in wrt_paths
 
-  graphdef, _, rest = nnx.split(
+  parts: tuple[Any, ...] = nnx.split(
       (model, [leaves[i] for i in node_at]), in_wrt, ...)
+  graphdef, rest = parts[0], parts[2]  # (graphdef, wrt state, the rest)
   # A snapshot of plain arrays, not the Variables: the copy's writes cannot
   # reach `model` or the arguments (and writing to them under jax.grad would
   # fail).

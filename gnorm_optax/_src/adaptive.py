@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from gnorm_optax._src import base
+from gnorm_optax._src.tree_math import abs_sq
+from gnorm_optax._src.tree_math import compute_dtype
 
 
 def _agr_leaf(g: jax.Array) -> jax.Array:
   """`g - g * |g| / sum|g|` for one tensor; an all-zero tensor stays zero."""
-  x = g.astype(base.compute_dtype(g.dtype))
+  x = g.astype(compute_dtype(g.dtype))
   a = jnp.abs(x)
   total = jnp.sum(a)
   safe = jnp.where(total > 0, total, jnp.ones_like(total))
@@ -156,7 +159,7 @@ class _ScaleByAdanPaperState(NamedTuple):
     prev_grad: the gradient of the previous step (unused on the first one).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
   m: optax.Updates
   v: optax.Updates
   n: optax.Updates
@@ -232,7 +235,7 @@ def _scale_by_adan_paper(
     first = state.count == 0
 
     def leaf(g, m, v, n, prev):
-      cdt = base.compute_dtype(g.dtype)
+      cdt = compute_dtype(g.dtype)
       rdt = _real_dtype(cdt)
       c1, c2, c3, e, er = (jnp.asarray(x).astype(rdt)
                            for x in (b1, b2, b3, eps, eps_root))
@@ -241,7 +244,7 @@ def _scale_by_adan_paper(
       d = jnp.where(first, jnp.zeros_like(gc), gc - prev.astype(cdt))
       m = c1 * m.astype(cdt) + (1 - c1) * gc
       v = c2 * v.astype(cdt) + (1 - c2) * d
-      n = c3 * n.astype(rdt) + (1 - c3) * base.abs_sq(gc + c2 * d)
+      n = c3 * n.astype(rdt) + (1 - c3) * abs_sq(gc + c2 * d)
       m_hat = m / (1 - c1**k)
       v_hat = v / (1 - c2**k)
       n_hat = n / (1 - c3**k)
@@ -251,14 +254,15 @@ def _scale_by_adan_paper(
     grads, treedef = jax.tree.flatten(updates)
     fields = (state.m, state.v, state.n, state.prev_grad)
     outs = [leaf(*args) for args in zip(
-        grads, *(treedef.flatten_up_to(f) for f in fields), strict=True)]
-    u, m, v, n, g = (treedef.unflatten([o[i] for o in outs]) for i in range(5))
+        grads, *(jax.tree.leaves(f) for f in fields), strict=True)]
+    u, m, v, n, g = (jax.tree.unflatten(treedef, [o[i] for o in outs])
+                     for i in range(5))
     new_state = _ScaleByAdanPaperState(
         count=count,
-        m=base.cast_like(m, state.m),
-        v=base.cast_like(v, state.v),
-        n=base.cast_like(n, state.n),
-        prev_grad=base.cast_like(g, state.prev_grad),
+        m=optax.tree.cast_like(m, state.m),
+        v=optax.tree.cast_like(v, state.v),
+        n=optax.tree.cast_like(n, state.n),
+        prev_grad=optax.tree.cast_like(g, state.prev_grad),
     )
     return u, new_state
 
@@ -272,7 +276,7 @@ class _ProximalStepState(NamedTuple):
     count: number of updates done so far (int32); schedules are evaluated at it.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def _is_zero_constant(x: Any) -> bool:
@@ -341,7 +345,7 @@ def _proximal_step(
       )
 
     def leaf(u, p, flag):
-      cdt = base.compute_dtype(u.dtype)
+      cdt = compute_dtype(u.dtype)
       rdt = _real_dtype(cdt)
       eta = lr.astype(rdt)
       if not flag:

@@ -1,4 +1,4 @@
-"""Shared helpers: the second-gradient protocol, hyperparameters, tree math.
+"""The second-gradient protocol.
 
 Every transformation that needs a gradient at other parameters (GNP, SAM,
 finite-difference GR, exact GR) is built by `second_gradient_transformation`,
@@ -7,17 +7,17 @@ the one place where the protocol
     update(updates, state, params, *, grad_fn=None, value_fn=None, **extra_args)
 
 is resolved, hyperparameter schedules are evaluated, `every_k` reuse and the
-non-finite guard live, and dtypes are restored.
+non-finite guard live, and dtypes are restored. The argument checks are in
+`checks`, the tree math in `tree_math`.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
-import weakref
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,12 @@ import numpy as np
 import optax
 
 from gnorm_optax._src import canonical_conv
+from gnorm_optax._src import checks
+from gnorm_optax._src.tree_math import abs_sq
+from gnorm_optax._src.tree_math import compute_dtype
+from gnorm_optax._src.tree_math import same_structure
+from gnorm_optax._src.tree_math import tree_all_finite
+from gnorm_optax._src.tree_math import upcast
 
 Params = Any
 Updates = Any
@@ -39,145 +45,6 @@ GRAD_FN_FIX = (
     "    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)\n"
     "    optimizer.update(model, grads, grad_fn=grad_fn)"
 )
-
-
-# ----------------------------------------------------------------------------
-# Tree math.
-# ----------------------------------------------------------------------------
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-  """The dtype the math runs in: at least float32 (bf16/f16 are promoted)."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def upcast(tree: Any) -> Any:
-  """Casts every leaf to its compute dtype (at least float32)."""
-  return jax.tree.map(lambda x: x.astype(compute_dtype(x.dtype)), tree)
-
-
-def cast_like(tree: Any, like: Any) -> Any:
-  """Casts every leaf of `tree` to the dtype of the matching leaf of `like`."""
-  return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
-
-
-def abs_sq(x: jax.Array) -> jax.Array:
-  """`|x|^2` elementwise, real for complex `x` (optax's convention)."""
-  if jnp.iscomplexobj(x):
-    return jnp.square(x.real) + jnp.square(x.imag)
-  return jnp.square(x)
-
-
-def global_norm(tree: Any) -> jax.Array:
-  """L2 norm `sqrt(sum |x|^2)` over all leaves, accumulated in at least float32.
-
-  Complex leaves count `|x|^2`, as `optax.tree.norm` does; unlike it, bfloat16
-  leaves are squared in float32. A gradient whose squares overflow (an entry
-  above about 1.8e19 in float32) has an infinite norm: `penalized_grad` counts
-  such a step as degenerate (see `SecondGradientState`) rather than paying a
-  second, rescaled pass over the gradient on every step.
-  """
-  leaves = [x.astype(compute_dtype(x.dtype)) for x in jax.tree.leaves(tree)]
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(abs_sq(x)) for x in leaves))
-
-
-def tree_all_finite(tree: Any) -> jax.Array:
-  """True when every element of every leaf is finite."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.asarray(True)
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
-
-
-def axpy(a: Any, x: Any, y: Any) -> Any:
-  """`a * x + y` leaf by leaf (a is a scalar)."""
-  return jax.tree.map(lambda xi, yi: a * xi + yi, x, y)
-
-
-# ----------------------------------------------------------------------------
-# Validation of constants (traced values are never checked: see STYLE.md).
-# ----------------------------------------------------------------------------
-
-
-def _is_traced(value: Any) -> bool:
-  return isinstance(value, jax.core.Tracer)
-
-
-def check_scalar(
-    name: str,
-    value: Any,
-    *,
-    minimum: float | None = None,
-    strict: bool = False,
-    fix: str = "",
-    owner: str = "",
-) -> None:
-  """Checks a numeric hyperparameter given as a constant.
-
-  `owner` names the transform in the message for an optimizer passed where a
-  number belongs (`gx.sam(optax.adam(1e-3))`, the optax.contrib.sam habit).
-
-  Schedules (callables) and traced values (e.g. under
-  `optax.inject_hyperparams` inside `jit`) are accepted as they are.
-
-  Raises:
-    TypeError: if `value` is neither a number, a scalar array nor a schedule.
-    ValueError: if it is NaN/inf, not a scalar, or below `minimum`.
-  """
-  if isinstance(value, optax.GradientTransformation):
-    owner = owner or "sam"
-    raise TypeError(
-        f"{name} must be a number or a schedule, got an optax optimizer. "
-        f"gx.{owner} is not a wrapper around the optimizer (as "
-        "optax.contrib.sam is): it transforms the gradient, so chain it in "
-        f"front of the optimizer:\n    optax.chain(gx.{owner}(...), optimizer)"
-    )
-  if callable(value) or _is_traced(value):
-    return
-  if isinstance(value, (str, bytes, bool)) or not isinstance(
-      value, (numbers.Real, np.ndarray, np.generic, jax.Array)
-  ):
-    raise TypeError(
-        f"{name} must be a number or a schedule (a callable of the step "
-        f"count), got {value!r} of type {type(value).__name__}"
-    )
-  if np.ndim(value) != 0:
-    raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
-  v = float(value)
-  if not math.isfinite(v):
-    raise ValueError(f"{name} must be finite, got {v}")
-  if minimum is not None and (v <= minimum if strict else v < minimum):
-    rule = ">" if strict else ">="
-    msg = f"{name} must be {rule} {minimum}, got {v}"
-    raise ValueError(f"{msg}; {fix}" if fix else msg)
-
-
-def check_every_k(every_k: Any) -> int | None:
-  """Validates `every_k`; returns it as an int, or None when it is traced."""
-  if _is_traced(every_k):
-    return None
-  if isinstance(every_k, (bool, float, str)) or np.ndim(every_k) != 0:
-    raise TypeError(f"every_k must be an integer >= 1, got {every_k!r}")
-  try:
-    k = int(every_k)
-  except (TypeError, ValueError):
-    raise TypeError(f"every_k must be an integer >= 1, got {every_k!r}") from None
-  if k != every_k or k < 1:
-    raise ValueError(
-        f"every_k must be an integer >= 1, got {every_k!r}; use every_k=1 to "
-        "compute the extra gradient on every step"
-    )
-  return k
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-  """Raises a ValueError listing `choices` when `value` is not one of them."""
-  if value not in choices:
-    raise ValueError(
-        f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}"
-    )
 
 
 def evaluate(
@@ -206,29 +73,6 @@ def evaluate(
 # ----------------------------------------------------------------------------
 
 
-def check_same_tree(
-    name: str, tree: Any, params: Any, fix: str, *, dtypes: bool = True
-) -> None:
-  """Raises a ValueError when `tree` differs from `params` in structure, shape
-  or (with `dtypes`) dtype; checked at trace time, free in the jitted step."""
-  if jax.tree.structure(tree) != jax.tree.structure(params):
-    raise ValueError(
-        f"{name} returned a tree of another structure than params:\n"
-        f"  got     {jax.tree.structure(tree)}\n"
-        f"  params  {jax.tree.structure(params)}\n{fix}"
-    )
-  for (path, x), p in zip(
-      jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(params)
-  ):
-    dtype_differs = dtypes and jnp.result_type(x) != jnp.result_type(p)
-    if jnp.shape(x) != jnp.shape(p) or dtype_differs:
-      raise ValueError(
-          f"{name} returned {jnp.result_type(x).name}{list(jnp.shape(x))} at "
-          f"{jax.tree_util.keystr(path)}, where params has "
-          f"{jnp.result_type(p).name}{list(jnp.shape(p))}; {fix}"
-      )
-
-
 def value_fn_kwargs(
     value_fn: Callable[..., jax.Array], extra_args: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -243,123 +87,6 @@ def value_fn_kwargs(
   except (TypeError, ValueError):  # No signature (some builtins): nothing.
     return {}
   return {k: v for k, v in extra_args.items() if k in names}
-
-
-def masked_node_paths(tree: Any) -> list[str]:
-  """Paths of the `optax.MaskedNode` leaves of `tree` (none outside `masked`)."""
-  def is_masked(x):
-    return isinstance(x, optax.MaskedNode)
-
-  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_masked)
-  return [jax.tree_util.keystr(path) for path, x in leaves if is_masked(x)]
-
-
-def check_full_tree(name: str, tree: Any, what: str) -> None:
-  """Raises a ValueError when `tree` is the partial tree of `optax.masked`.
-
-  `optax.masked` and `optax.partition` hand their inner transformation a tree
-  in which the other parameters are `optax.MaskedNode`s; a perturbation of
-  part of the tree cannot be passed to the user's `grad_fn`, which takes all of
-  the parameters.
-  """
-  paths = masked_node_paths(tree)
-  if paths:
-    shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
-    raise ValueError(
-        f"{name} needs the full parameter tree, but its {what} has "
-        f"optax.MaskedNode leaves at {shown}: it is inside optax.masked or "
-        "optax.partition, which pass only part of the tree, while grad_fn "
-        "takes (and the perturbation moves) all of the parameters. Put "
-        f"{name} outside, first in the chain, and mask the base optimizer "
-        f"instead, e.g. optax.chain(gx.{name}(...), optax.masked(optax.sgd("
-        "0.1), mask))"
-    )
-
-
-def check_state_matches(
-    name: str, correction: Updates, params: Params
-) -> None:
-  """Raises a ValueError when `params` is not the tree the state was built for.
-
-  Only a state with an `every_k` cache records that tree; it is compared at
-  trace time (free in the jitted step).
-  """
-  fix = (
-      "re-run tx.init(params) for these params (the state was built by "
-      "tx.init for another parameter tree, e.g. before the model changed), or "
-      "restore the optimizer state saved with them"
-  )
-  if jax.tree.structure(correction) != jax.tree.structure(params):
-    raise ValueError(
-        f"{name}: params has another structure than the params the "
-        f"optimizer state (its every_k cache) was built for:\n"
-        f"  params  {jax.tree.structure(params)}\n"
-        f"  state   {jax.tree.structure(correction)}\n{fix}"
-    )
-  for (path, c), p in zip(
-      jax.tree_util.tree_leaves_with_path(correction),
-      jax.tree.leaves(params),
-      strict=True,
-  ):
-    want = compute_dtype(jnp.result_type(p))
-    if jnp.shape(c) != jnp.shape(p) or jnp.result_type(c) != want:
-      raise ValueError(
-          f"{name}: params has {jnp.result_type(p).name}"
-          f"{list(jnp.shape(p))} at {jax.tree_util.keystr(path)}, where the "
-          f"optimizer state (its every_k cache) was built for "
-          f"{list(jnp.shape(c))} with compute dtype {jnp.result_type(c).name}; "
-          f"{fix}"
-      )
-
-
-def varying_axes(x: Any) -> frozenset:
-  """The mesh axes over which `x` varies inside `shard_map` (empty elsewhere).
-
-  Only tracked when `shard_map` checks them (`check_vma=True`, its default).
-  """
-  aval = jax.typeof(x)
-  axes = getattr(aval, "vma", None)  # jax < 0.9
-  if axes is None:
-    axes = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
-  return frozenset(axes)
-
-
-def match_varying(x: Any, like: Any) -> Any:
-  """Casts `x` to vary over the axes that `like` varies over (leaf by leaf).
-
-  Needed where an averaged (invariant) value meets per-device values in one
-  primitive, e.g. the tangent of `jax.jvp` at varying parameters.
-  """
-
-  def one(a, b):
-    missing = tuple(sorted(varying_axes(b) - varying_axes(a)))
-    return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-  return jax.tree.map(one, x, like)
-
-
-def check_not_reduced(name: str, axis_name: Any, updates: Updates) -> None:
-  """Raises a ValueError when `shard_map` has already reduced the gradient.
-
-  Inside `shard_map` with `check_vma=True`, `jax.grad` with respect to
-  replicated (invariant) parameters returns the gradient already summed over
-  the axis. There is then no local gradient to average or to perturb with, and
-  averaging again would leave a gradient `axis_size` times too large.
-  """
-  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  if not set(names) <= varying_axes(jax.lax.axis_index(axis_name)):
-    return  # The axis is not checked (check_vma=False, pmap): nothing to see.
-  reduced = [x for x in jax.tree.leaves(updates) if not set(names) <= varying_axes(x)]
-  if reduced:
-    raise ValueError(
-        f"{name}(axis_name={axis_name!r}) got a gradient that does not vary over "
-        f"{axis_name!r}: inside shard_map(check_vma=True), jax.grad with respect "
-        "to replicated params already sums it over the axis, so there is no "
-        "local gradient to average or perturb with. Make the params vary "
-        f"before differentiating, p = jax.lax.pcast(params, {axis_name!r}, "
-        "to='varying'), or use shard_map(..., check_vma=False); under plain "
-        "jax.jit with sharded arrays, drop axis_name"
-    )
 
 
 def resolve_grad_fn(
@@ -382,25 +109,25 @@ def resolve_grad_fn(
         f"{name} needs params: call tx.update(grads, state, params, "
         "grad_fn=...), not tx.update(grads, state)"
     )
-  if grad_fn is None and value_fn is None:
-    raise ValueError(f"{name} needs grad_fn (or value_fn): {GRAD_FN_FIX}")
-  source = "grad_fn" if grad_fn is not None else "jax.grad(value_fn)"
   if grad_fn is not None:
-    fn = grad_fn
-  else:
+    source, fn = "grad_fn", grad_fn
+  elif value_fn is not None:
     kwargs = value_fn_kwargs(value_fn, extra_args or {})
+    loss = lambda q: value_fn(q, **kwargs)
     # optax's convention for complex params: the update direction is the
     # conjugate of what jax.grad returns (d/dx + i d/dy for z = x + iy).
-    fn = lambda p: optax.tree.conj(jax.grad(lambda q: value_fn(q, **kwargs))(p))
+    source, fn = "jax.grad(value_fn)", lambda p: optax.tree.conj(jax.grad(loss)(p))
+  else:
+    raise ValueError(f"{name} needs grad_fn (or value_fn): {GRAD_FN_FIX}")
 
   def checked(p: Params) -> Updates:
     g = fn(p)
     # The gradient has the dtypes of its argument (a perturbed point may be
     # formed in float32 for bfloat16 params) or of params.
-    like = p if jax.tree.structure(p) == jax.tree.structure(g) and all(
+    like = p if same_structure(p, g) and all(
         jnp.result_type(x) == jnp.result_type(y)
-        for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(p))) else params
-    check_same_tree(
+        for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(p), strict=True)) else params
+    checks.check_same_tree(
         source,
         g,
         like,
@@ -464,7 +191,8 @@ class SecondGradientState(NamedTuple):
       None.
   """
 
-  count: jax.Array
+  # `count` shadows tuple.count, as in optax's states (ScaleByAdamState).
+  count: jax.Array  # type: ignore[assignment]
   nonfinite_count: jax.Array
   degenerate_count: jax.Array
   perturbation_error: jax.Array
@@ -509,7 +237,7 @@ class Probe:
   def __call__(self, direction: Updates, scale: Any = 1.0, *,
                measure: bool | None = None) -> Updates:
     step = jax.tree.map(lambda d: scale * d, upcast(direction))
-    exact = axpy(1.0, step, upcast(self._params))
+    exact = optax.tree.add(step, upcast(self._params))
     point = jax.tree.map(
         lambda x, p: x.astype(self.point_dtype(p)), exact, self._params)
     if measure is None:
@@ -547,60 +275,15 @@ class Probe:
     self.errors.append(jnp.where(flag, 1.0, 0.0).astype(jnp.float32))
 
 
-class CorrectionFn(Protocol):
-  """Computes the correction `d` from the extra gradient(s).
-
-  Called with the `Probe` (gradients at perturbed points), the gradient that
-  defines the perturbation (`g_perturb`: local or averaged), the averaged
-  clean gradient `g` (compute dtype), `params` and the evaluated
-  hyperparameters.
-  """
-
-  def __call__(
-      self,
-      probe: Probe,
-      g_perturb: Updates,
-      g: Updates,
-      params: Params,
-      hp: dict[str, jax.Array],
-  ) -> Updates: ...
-
-
-class ApplyFn(Protocol):
-  """Combines the clean gradient `g` and the correction `d` into the update."""
-
-  def __call__(
-      self, g: Updates, d: Updates, hp: dict[str, jax.Array]
-  ) -> Updates: ...
-
-
-# The update leaves that second-gradient transforms returned and that are
-# still alive: a second-gradient transform handed one of them as its gradient
-# sits right after another in a chain (see `check_not_chained`).
-_OUTPUTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def _remember_outputs(updates: Updates) -> None:
-  for x in jax.tree.leaves(updates)[:1]:
-    try:
-      _OUTPUTS[id(x)] = x
-    except TypeError:  # Not weakly referenceable: nothing to remember.
-      pass
-
-
-def check_not_chained(name: str, updates: Updates) -> None:
-  """Raises a ValueError when `updates` is the output of a second-gradient
-  transform (two of them chained one after the other)."""
-  leaves = jax.tree.leaves(updates)[:1]
-  if leaves and _OUTPUTS.get(id(leaves[0])) is leaves[0]:
-    raise ValueError(
-        f"{name} got, as its gradient, the update of another second-gradient "
-        "transform: two of them are chained, e.g. optax.chain(gx.sam(...), "
-        "gx.finite_difference_gr(...), opt). The second one would perturb "
-        "along the first one's update and add its correction to it, which is "
-        "neither method. Use one second-gradient transform, first in the chain:"
-        f"\n    optax.chain(gx.{name}(...), optimizer)"
-    )
+# `correction_fn(probe, g_perturb, g, params, hp) -> d`: the correction from
+# the extra gradient(s), given the `Probe`, the gradient that defines the
+# perturbation (`g_perturb`: local or averaged), the averaged clean gradient
+# `g` (compute dtype), `params` and the evaluated hyperparameters.
+CorrectionFn = Callable[
+    [Probe, Updates, Updates, Params, dict[str, jax.Array]], Updates
+]
+# `apply_fn(g, d, hp) -> update`: combines the clean gradient and the correction.
+ApplyFn = Callable[[Updates, Updates, dict[str, jax.Array]], Updates]
 
 
 def second_gradient_transformation(
@@ -613,6 +296,7 @@ def second_gradient_transformation(
     axis_name: str | None = None,
     sync_perturbation: bool = True,
     perturb_dtype: Any = None,
+    identity_at_zero: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a transformation `g -> apply_fn(g, d)` with `d` from extra gradients.
 
@@ -649,6 +333,10 @@ def second_gradient_transformation(
       (True) or with each device's local gradient (False: SAM's m-sharpness).
     perturb_dtype: the dtype perturbed points are formed in (promoted with
       each parameter's dtype; None keeps the params' dtypes).
+    identity_at_zero: `apply_fn(g, 0, hp)` is `g`. A non-finite correction
+      is zeroed, so the fallback to `g` then costs no second pass over the
+      tree; pass False when it is not (penalized_grad's `normalize_clean`),
+      and the update selects `g` explicitly on such a step.
 
   Returns:
     An optax.GradientTransformationExtraArgs.
@@ -658,8 +346,8 @@ def second_gradient_transformation(
   # `tx.init`, traced under `jax.eval_shape(tx.init, params)` (orbax's restore
   # target), `jax.jit` and in `update`. An array every_k therefore always
   # keeps a cache; `update` reads the decision back from the state.
-  k = check_every_k(every_k)
-  keeps_cache = not isinstance(every_k, (int, np.integer)) or k > 1
+  k = checks.check_every_k(every_k)
+  keeps_cache = k is None or not isinstance(every_k, (int, np.integer)) or k > 1
   if perturb_dtype is not None:
     perturb_dtype = jnp.dtype(perturb_dtype)
     if not jnp.issubdtype(perturb_dtype, jnp.inexact):
@@ -668,7 +356,7 @@ def second_gradient_transformation(
           f"{perturb_dtype}")
 
   def init_fn(params: Params) -> SecondGradientState:
-    check_full_tree(name, params, "params")
+    checks.check_full_tree(name, params, "params")
     correction = None
     if keeps_cache:
       # zeros_like keeps each parameter's sharding (explicit meshes).
@@ -699,12 +387,12 @@ def second_gradient_transformation(
     checked_grad_fn = resolve_grad_fn(
         name, params, grad_fn, value_fn, axis_name, extra_args
     )
-    check_not_chained(name, updates)
-    check_full_tree(name, params, "params")
-    check_full_tree(name, updates, "updates")
+    checks.check_not_chained(name, updates)
+    checks.check_full_tree(name, params, "params")
+    checks.check_full_tree(name, updates, "updates")
     if state.correction is not None:
-      check_state_matches(name, state.correction, params)
-    check_same_tree(
+      checks.check_state_matches(name, state.correction, params)
+    checks.check_same_tree(
         "updates",
         updates,
         params,
@@ -712,7 +400,7 @@ def second_gradient_transformation(
         dtypes=False,
     )
     if axis_name is not None:
-      check_not_reduced(name, axis_name, updates)
+      checks.check_not_reduced(name, axis_name, updates)
     hp = evaluate(hyperparams, state.count)
     g_local = upcast(updates)
     g = g_local if axis_name is None else jax.lax.pmean(g_local, axis_name)
@@ -723,7 +411,7 @@ def second_gradient_transformation(
       d = correction_fn(probe, g_perturb, g, params, hp)
       d = jax.tree.map(lambda di, gi: di.astype(gi.dtype), d, g)
       finite = tree_all_finite(d)
-      d = jax.tree.map(lambda di: jnp.where(finite, di, jnp.zeros_like(di)), d)
+      d = optax.tree.where(finite, d, optax.tree.zeros_like(d))
       error = jnp.max(jnp.stack(probe.errors)) if probe.errors else jnp.zeros([])
       error = error.astype(jnp.float32)
       if axis_name is not None:  # one value for all devices (and the state)
@@ -753,9 +441,10 @@ def second_gradient_transformation(
       )
       correction = d
 
-    out = apply_fn(g, d, hp)
-    out = jax.tree.map(lambda o, gi: jnp.where(finite, o, gi), out, g)
-    out = cast_like(out, updates)
+    out = apply_fn(g, d, hp)  # = g where d was zeroed (identity_at_zero)
+    if not identity_at_zero:
+      out = optax.tree.where(finite, out, g)
+    out = optax.tree.cast_like(out, updates)
     new_state = SecondGradientState(
         count=optax.safe_increment(state.count),
         nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
@@ -763,7 +452,7 @@ def second_gradient_transformation(
         perturbation_error=error,
         correction=correction,
     )
-    _remember_outputs(out)
+    checks.remember_outputs(out)
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -20,13 +20,23 @@ every non-canonical `conv_general_dilated` replaced by transposes around a
 canonical convolution: the same arithmetic, the form XLA:CPU's fast kernel
 takes anywhere. `jit` sub-jaxprs are inlined so that convolutions inside them
 are reached; other higher-order primitives (scan, while, remat) are bound
-unchanged. The rewrite is applied through `lax.platform_dependent` on CPU only;
-GPU and TPU compile the branch as written, where `cond` costs nothing extra.
-With it, the refreshed step inside the cond took 3.5 ms, as fast as outside.
+unchanged. With it, the refreshed step inside the cond took 3.5 ms, as fast as
+outside.
+
+When it applies. `for_xla_cpu` decides at trace time: when JAX's default
+backend is not CPU (GPU, TPU) the branch is traced and compiled as written and
+the jaxpr interpreter never runs. On a CPU backend the rewrite is selected by
+`lax.platform_dependent`, so a step traced on a CPU host but lowered for
+another platform still gets the plain branch there. If the rewrite raises (a
+primitive it cannot re-bind, a future JAX internal change), the plain branch is
+used and a warning says so: slower on CPU, never wrong. Set the module-level
+switch `enabled = False` before a step is traced to turn the rewrite off (the
+`every_k` benchmark measures the difference that way).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as jex_prims
+
+# Read at trace time by `for_xla_cpu`: False compiles every branch as written.
+enabled = True
 
 
 def _canonical_dimension_numbers(num_spatial: int) -> jax.lax.ConvDimensionNumbers:
@@ -60,7 +73,7 @@ def _conv(lhs, rhs, *, dimension_numbers, **params):
       lhs, rhs, dimension_numbers=canonical, **params
   )
   out_order = (out_spec[0], *out_spec[2:], out_spec[1])
-  return jnp.transpose(out, np.argsort(out_order))
+  return jnp.transpose(out, tuple(int(i) for i in np.argsort(out_order)))
 
 
 def _eval_jaxpr(jaxpr: jex_core.Jaxpr, consts: list[Any], *args: Any) -> list[Any]:
@@ -69,8 +82,8 @@ def _eval_jaxpr(jaxpr: jex_core.Jaxpr, consts: list[Any], *args: Any) -> list[An
   def read(v):
     return v.val if isinstance(v, jex_core.Literal) else env[v]
 
-  env.update(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
+  env.update(zip(jaxpr.constvars, consts, strict=True))
+  env.update(zip(jaxpr.invars, args, strict=True))
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     if eqn.primitive is jex_prims.conv_general_dilated_p:
@@ -85,7 +98,7 @@ def _eval_jaxpr(jaxpr: jex_core.Jaxpr, consts: list[Any], *args: Any) -> list[An
         )
       if not eqn.primitive.multiple_results:
         outs = [outs]
-    for v, x in zip(eqn.outvars, outs):
+    for v, x in zip(eqn.outvars, outs, strict=True):
       if not isinstance(v, jex_core.DropVar):
         env[v] = x
   return [read(v) for v in jaxpr.outvars]
@@ -102,7 +115,49 @@ def canonicalize_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
   return wrapped
 
 
+def _or_plain(fast: Callable[..., Any], fn: Callable[..., Any]):
+  """`fast`, or `fn` with a warning if tracing `fast` raises.
+
+  An error that `fn` raises too (a user's grad_fn returning the wrong tree)
+  is raised as `fn` raises it, without the warning.
+  """
+
+  def wrapped(*args):
+    try:
+      return fast(*args)
+    except Exception as e:  # noqa: BLE001 -- any failure means: use the plain branch.
+      out = fn(*args)
+      warnings.warn(
+          "gnorm_optax: the CPU convolution rewrite for every_k failed "
+          f"({type(e).__name__}: {e}); using the plain branch, which is correct "
+          "but slower on XLA:CPU. Please report this with your JAX version.",
+          RuntimeWarning,
+          stacklevel=2,
+      )
+      return out
+
+  return wrapped
+
+
 def for_xla_cpu(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """`fn` with canonical convolutions when compiled for CPU, else `fn` itself."""
-  fast = canonicalize_convolutions(fn)
-  return lambda *args: jax.lax.platform_dependent(*args, cpu=fast, default=fn)
+  """`fn`, with canonical convolutions when it is compiled for XLA:CPU.
+
+  Decided when the returned function is traced: with `enabled` False or a
+  default backend other than CPU it is `fn` itself; otherwise
+  `lax.platform_dependent` picks the rewritten branch on CPU and `fn` on any
+  other platform. A rewrite that fails falls back to `fn` with a warning.
+
+  Args:
+    fn: the function to compile, e.g. a `lax.cond` branch.
+
+  Returns:
+    A function with `fn`'s signature and values.
+  """
+  fast = _or_plain(canonicalize_convolutions(fn), fn)
+
+  def wrapped(*args):
+    if not enabled or jax.default_backend() != "cpu":
+      return fn(*args)
+    return jax.lax.platform_dependent(*args, cpu=fast, default=fn)
+
+  return wrapped

@@ -8,7 +8,9 @@ import jax
 import optax
 
 from gnorm_optax._src import base
+from gnorm_optax._src import checks
 from gnorm_optax._src import sharpness
+from gnorm_optax._src.tree_math import upcast
 
 SCHEMES = ("forward", "backward", "central")
 
@@ -21,7 +23,7 @@ def hessian_direction(probe, direction, g, params, epsilon, scheme):
   schemes, difference against the clean gradient `g` (no third gradient).
   """
   if scheme == "exact":
-    return base.upcast(sharpness.hvp(probe.grad_fn, params, direction))
+    return upcast(sharpness.hvp(probe.grad_fn, params, direction))
   # epsilon * g can fall below the params' resolution in any dtype: measure.
   at = lambda s: probe(direction, s, measure=True)
   if scheme == "forward":
@@ -43,7 +45,7 @@ def _gr_transformation(name, scheme, hyperparams, **kwargs):
     )
 
   def apply_fn(g, d, hp):
-    return base.axpy(hp["gamma"], d, g)
+    return optax.tree.add_scale(g, hp["gamma"], d)
 
   return base.second_gradient_transformation(
       name, correction_fn, apply_fn, hyperparams, **kwargs
@@ -125,14 +127,14 @@ def finite_difference_gr(
     Deep Learning: Efficient Finite-Difference Computation and Implicit Bias*,
     ICML 2023, https://arxiv.org/abs/2210.02720
   """
-  base.check_scalar("gamma", gamma, minimum=0.0, fix="use gamma=0 for no penalty",
+  checks.check_scalar("gamma", gamma, minimum=0.0, fix="use gamma=0 for no penalty",
                     owner="finite_difference_gr")
-  base.check_scalar(
+  checks.check_scalar(
       "epsilon", epsilon, minimum=0.0, strict=True,
       fix="the finite-difference step must be positive, e.g. epsilon=0.01",
       owner="finite_difference_gr",
   )
-  base.check_choice("scheme", scheme, SCHEMES)
+  checks.check_choice("scheme", scheme, SCHEMES)
   return _gr_transformation(
       "finite_difference_gr",
       scheme,
@@ -187,7 +189,7 @@ def gradient_regularization(
     Drucker and Le Cun, *Improving generalization performance using double
     backpropagation*, IEEE Trans. Neural Networks, 1992.
   """
-  base.check_scalar("gamma", gamma, minimum=0.0, fix="use gamma=0 for no penalty",
+  checks.check_scalar("gamma", gamma, minimum=0.0, fix="use gamma=0 for no penalty",
                     owner="gradient_regularization")
   return _gr_transformation(
       "gradient_regularization",

@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import optax
 
 from gnorm_optax._src import base
+from gnorm_optax._src import checks
+from gnorm_optax._src.tree_math import compute_dtype
 
 
 class FloodingState(NamedTuple):
   """State of `flooding`: the int32 step count that indexes the schedule."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def flooding(level: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
@@ -49,7 +51,7 @@ def flooding(level: optax.ScalarOrSchedule) -> optax.GradientTransformationExtra
 
     Karakida, Takase, Hayase, Osawa, ICML 2023, https://arxiv.org/abs/2210.02720
   """
-  base.check_scalar("level", level, minimum=0.0)
+  checks.check_scalar("level", level, minimum=0.0)
 
   def init_fn(params):
     del params
@@ -66,7 +68,7 @@ def flooding(level: optax.ScalarOrSchedule) -> optax.GradientTransformationExtra
     if value.ndim != 0:
       raise ValueError(f"value must be the scalar loss, got shape {value.shape}")
     b = base.evaluate({"level": level}, state.count)["level"]
-    sign = jnp.sign(value.astype(base.compute_dtype(value.dtype)) - b)
+    sign = jnp.sign(value.astype(compute_dtype(value.dtype)) - b)
     # +-1 or 0 is exact in every dtype: multiply in the gradient's own dtype.
     updates = jax.tree.map(lambda g: sign.astype(g.dtype) * g, updates)
     return updates, FloodingState(count=optax.safe_increment(state.count))

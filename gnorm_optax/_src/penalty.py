@@ -9,18 +9,21 @@ import jax.numpy as jnp
 import optax
 
 from gnorm_optax._src import base
+from gnorm_optax._src import checks
+from gnorm_optax._src.tree_math import global_norm
+from gnorm_optax._src.tree_math import upcast
 
 
 def _normalize(g: base.Updates, eps: jax.Array) -> tuple[base.Updates, jax.Array]:
   """`g / (||g|| + eps)`, and `||g||`."""
-  norm = base.global_norm(g)
+  norm = global_norm(g)
   return jax.tree.map(lambda x: x / (norm + eps), g), norm
 
 
 def _adaptive_scale(params: base.Params, eta, adaptive_mask) -> base.Updates:
   """ASAM's `T = |theta| + eta` in each parameter's compute dtype; `T = 1`
   where `adaptive_mask` is False."""
-  t = jax.tree.map(lambda p: jnp.abs(base.upcast(p)) + eta, params)
+  t = jax.tree.map(lambda p: jnp.abs(upcast(p)) + eta, params)
   if adaptive_mask is None:
     return t
   mask = adaptive_mask(params) if callable(adaptive_mask) else adaptive_mask
@@ -45,7 +48,7 @@ def _perturbation(
     return jax.tree.map(lambda x: rho * x, unit), norm
   t = _adaptive_scale(params, eta, adaptive_mask)
   tg = jax.tree.map(jnp.multiply, t, g)
-  norm = base.global_norm(tg)
+  norm = global_norm(tg)
   return jax.tree.map(lambda ti, tgi: rho * ti * tgi / (norm + eps), t, tg), norm
 
 
@@ -153,11 +156,11 @@ def penalized_grad(
     Scale-Invariant Learning of Deep Neural Networks*, ICML 2021,
     https://arxiv.org/abs/2102.11600
   """
-  base.check_scalar("rho", rho, minimum=0.0, fix="use rho=0 for no penalty",
+  checks.check_scalar("rho", rho, minimum=0.0, fix="use rho=0 for no penalty",
                     owner="penalized_grad")
-  base.check_scalar("alpha", alpha, owner="penalized_grad")
-  base.check_scalar("eta", eta, minimum=0.0, owner="penalized_grad")
-  base.check_scalar("eps", eps, minimum=0.0, owner="penalized_grad")
+  checks.check_scalar("alpha", alpha, owner="penalized_grad")
+  checks.check_scalar("eta", eta, minimum=0.0, owner="penalized_grad")
+  checks.check_scalar("eps", eps, minimum=0.0, owner="penalized_grad")
   if adaptive_mask is not None and not adaptive:
     raise ValueError(
         "adaptive_mask only applies to ASAM's step: pass adaptive=True with it, "
@@ -175,7 +178,7 @@ def penalized_grad(
     return jax.tree.map(jnp.subtract, probe(step), clean(g, hp))
 
   def apply_fn(g, d, hp):
-    return base.axpy(hp["alpha"], d, clean(g, hp))
+    return optax.tree.add_scale(clean(g, hp), hp["alpha"], d)
 
   return base.second_gradient_transformation(
       "penalized_grad",
@@ -186,6 +189,7 @@ def penalized_grad(
       axis_name=axis_name,
       sync_perturbation=sync_perturbation,
       perturb_dtype=perturb_dtype,
+      identity_at_zero=not normalize_clean,
   )
 
 
@@ -276,7 +280,7 @@ def sam(
     Zhao, Zhang, Hu, ICML 2022, https://arxiv.org/abs/2202.03599 (SAM as
     the alpha = 1 case of the gradient-norm penalty).
   """
-  base.check_scalar("rho", rho, minimum=0.0, fix="use rho=0 for no penalty",
+  checks.check_scalar("rho", rho, minimum=0.0, fix="use rho=0 for no penalty",
                     owner="sam")
   return penalized_grad(
       rho,

@@ -12,6 +12,9 @@ import optax
 
 from gnorm_optax._src import base
 from gnorm_optax._src import canonical_conv
+from gnorm_optax._src import checks
+from gnorm_optax._src.tree_math import match_varying
+from gnorm_optax._src.tree_math import upcast
 
 
 def hvp(
@@ -50,10 +53,10 @@ def hvp(
     Computation 1994. Used by Karakida et al., ICML 2023,
     https://arxiv.org/abs/2210.02720 as the exact gradient-regularization term.
   """
-  base.check_same_tree("vector", vector, params, "vector must be shaped like params",
+  checks.check_same_tree("vector", vector, params, "vector must be shaped like params",
                        dtypes=False)
   # Inside shard_map the tangent must vary over the axes params vary over.
-  tangent = base.match_varying(base.cast_like(vector, params), params)
+  tangent = match_varying(optax.tree.cast_like(vector, params), params)
   return jax.jvp(grad_fn, (params,), (tangent,))[1]
 
 
@@ -62,7 +65,7 @@ def _vdot(a: base.Updates, b: base.Updates) -> jax.Array:
 
   A complex leaf counts as its real and imaginary parts, two real coordinates.
   """
-  return jnp.real(optax.tree.vdot(base.upcast(a), base.upcast(b)))
+  return jnp.real(optax.tree.vdot(upcast(a), upcast(b)))
 
 
 def _hessian_operator(
@@ -77,25 +80,24 @@ def _hessian_operator(
   """
 
   def matvec(v):
-    return base.upcast(hvp(grad_fn, params, v))
+    return upcast(hvp(grad_fn, params, v))
 
   return matvec
 
 
+def _rademacher(key: jax.Array, shape, dtype, *, out_sharding=None):
+  """Random signs in float32; a complex dtype gets signs in both parts."""
+  del out_sharding  # The probes are small diagnostic vectors.
+  if not jnp.issubdtype(dtype, jnp.complexfloating):
+    return jax.random.rademacher(key, shape, jnp.float32)
+  k_re, k_im = jax.random.split(key)
+  return jax.lax.complex(jax.random.rademacher(k_re, shape, jnp.float32),
+                         jax.random.rademacher(k_im, shape, jnp.float32))
+
+
 def _rademacher_like(key: jax.Array, params: base.Params) -> base.Updates:
   """Random signs shaped like `params` (complex leaves: signs in both parts)."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-
-  def draw(k, x):
-    if jnp.iscomplexobj(x):
-      k_re, k_im = jax.random.split(k)
-      return jax.lax.complex(jax.random.rademacher(k_re, x.shape, jnp.float32),
-                             jax.random.rademacher(k_im, x.shape, jnp.float32))
-    return jax.random.rademacher(k, x.shape, jnp.float32)
-
-  draws = [draw(k, x) for k, x in zip(keys, leaves, strict=True)]
-  return jax.tree.unflatten(treedef, draws)
+  return optax.tree.random_like(key, params, sampler=_rademacher)
 
 
 class EigenInfo(NamedTuple):
@@ -156,7 +158,7 @@ def _lanczos_top(
         f"k must be an integer in [1, {min(num_iters, dim)}], got {k}: at most "
         f"num_iters = {num_iters} and the {dim} real parameters")
   m = min(num_iters, dim)  # A Krylov space has at most `dim` dimensions.
-  like = base.upcast(params)
+  like = upcast(params)
   real_dtype = jnp.result_type(
       *[jnp.finfo(x.dtype).dtype for x in jax.tree.leaves(like)])
   eps = jnp.finfo(real_dtype).eps

@@ -1,14 +1,26 @@
 """Worked examples: image classifiers trained with gnorm_optax optimizers.
 
 Modules:
-    data: scikit-learn's digits (offline default), MNIST, Fashion-MNIST and
-        CIFAR-10 through Hugging Face ``datasets``; label noise; mini-batches.
+    data: scikit-learn's digits (offline), label noise, mini-batches.
+    hub: MNIST, Fashion-MNIST and CIFAR-10 from the Hugging Face Hub (the
+        ``hub`` extra).
     models: Flax NNX ``MLP``, ``CNN``, ``ResNet`` (BatchNorm) and ``ViT``.
-    train: the optimizer table, the NNX train step and the command
-        ``python -m gnorm_optax.examples.train`` (SGD vs SAM vs GNP by default).
+    train: ``python -m gnorm_optax.examples.train``, one file to fork: the
+        optimizer table, the NNX train step, evaluation and flatness.
+    checkpointing: the same training, saved every epoch with orbax and
+        resumed exactly (``python -m gnorm_optax.examples.checkpointing``).
     data_parallel: data-parallel training on all visible devices
         (``python -m gnorm_optax.examples.data_parallel``).
 
-Needs the ``examples`` extra (flax, scikit-learn, tqdm, matplotlib, datasets,
-orbax-checkpoint).
+Needs the ``examples`` extra (flax, scikit-learn, tqdm, orbax-checkpoint).
 """
+
+import importlib.util
+
+from gnorm_optax._src.optional import missing_extra
+
+# Checked without importing them, so that `--help` stays fast.
+for _name in ("flax", "sklearn", "tqdm", "orbax.checkpoint"):
+  if importlib.util.find_spec(_name) is None:
+    _error = ModuleNotFoundError(f"No module named {_name!r}", name=_name)
+    raise missing_extra(_error, module="gnorm_optax.examples", extra="examples")

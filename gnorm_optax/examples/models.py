@@ -2,9 +2,10 @@
 
 Every model takes NHWC float images of shape ``in_shape`` (height, width,
 channels), e.g. ``(8, 8, 1)`` for digits, ``(28, 28, 1)`` for (Fashion-)MNIST
-or ``(32, 32, 3)`` for CIFAR-10, and returns ``num_classes`` logits. Add a
-model by writing an ``nnx.Module`` whose constructor takes
-``(in_shape, num_classes, *, rngs)`` and registering it in ``MODELS``.
+or ``(32, 32, 3)`` for CIFAR-10, and returns ``num_classes`` logits; its
+``rngs`` seed the weight initialisers (and dropout). Add a model by writing an
+``nnx.Module`` whose constructor takes ``(in_shape, num_classes, *, rngs)``
+and registering it in ``MODELS``.
 
 ``ResNet`` has BatchNorm and ``ViT`` has dropout: train them after
 ``model.train()`` and evaluate them after ``model.eval()``.
@@ -13,12 +14,14 @@ model by writing an ``nnx.Module`` whose constructor takes
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import jax
 from flax import nnx
 
-from gnorm_optax.examples.data import IMAGE_SHAPE, NUM_CLASSES
+from gnorm_optax.examples.data import IMAGE_SHAPE
+from gnorm_optax.examples.data import NUM_CLASSES
 
 Shape = Sequence[int]
 
@@ -34,14 +37,7 @@ class MLP(nnx.Module):
       *,
       rngs: nnx.Rngs,
   ):
-    """Builds the layers.
-
-    Args:
-      in_shape: image shape ``(height, width, channels)``.
-      num_classes: number of output logits.
-      hidden: width of both hidden layers.
-      rngs: random streams for the weight initialisers.
-    """
+    """Builds the layers; ``hidden`` is the width of both hidden layers."""
     self.hidden1 = nnx.Linear(math.prod(in_shape), hidden, rngs=rngs)
     self.hidden2 = nnx.Linear(hidden, hidden, rngs=rngs)
     self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
@@ -64,13 +60,7 @@ class CNN(nnx.Module):
       *,
       rngs: nnx.Rngs,
   ):
-    """Builds the layers.
-
-    Args:
-      in_shape: image shape ``(height, width, channels)``.
-      num_classes: number of output logits.
-      rngs: random streams for the weight initialisers.
-    """
+    """Builds the layers for images of ``in_shape`` (height, width, channels)."""
     height, width, channels = in_shape
     self.conv1 = nnx.Conv(channels, 16, kernel_size=(3, 3), rngs=rngs)
     self.conv2 = nnx.Conv(16, 32, kernel_size=(3, 3), rngs=rngs)
@@ -89,14 +79,8 @@ class BasicBlock(nnx.Module):
   """ResNet basic block: two 3x3 conv + BatchNorm, plus a (projected) shortcut."""
 
   def __init__(self, in_channels: int, channels: int, stride: int, *, rngs: nnx.Rngs):
-    """Builds the layers.
-
-    Args:
-      in_channels: channels of the input.
-      channels: channels of the output.
-      stride: stride of the first convolution (and of the shortcut).
-      rngs: random streams for the weight initialisers.
-    """
+    """Builds the layers; ``stride`` is the first convolution's and the
+    shortcut's."""
     self.conv1 = _conv(in_channels, channels, 3, stride, rngs)
     self.bn1 = _batch_norm(channels, rngs)
     self.conv2 = _conv(channels, channels, 3, 1, rngs)
@@ -133,15 +117,7 @@ class ResNet(nnx.Module):
       *,
       rngs: nnx.Rngs,
   ):
-    """Builds the layers.
-
-    Args:
-      in_shape: image shape ``(height, width, channels)``.
-      num_classes: number of output logits.
-      stages: output channels of each stage; the first has stride 1, the
-        others stride 2.
-      rngs: random streams for the weight initialisers.
-    """
+    """Builds the layers; ``stages`` are the channels of each stage."""
     self.stem = _conv(in_shape[-1], stages[0], 3, 1, rngs)
     self.stem_bn = _batch_norm(stages[0], rngs)
     in_channels = (stages[0],) + tuple(stages[:-1])
@@ -224,6 +200,9 @@ class ViT(nnx.Module):
       dropout: dropout rate in the encoder blocks.
       patch: patch side; None picks ``default_patch(in_shape)``.
       rngs: random streams for the initialisers and dropout.
+
+    Raises:
+      ValueError: if ``patch`` does not divide the image sides.
     """
     height, width, channels = in_shape
     patch = default_patch(in_shape) if patch is None else patch

@@ -1,7 +1,8 @@
 """Regenerates every benchmark (or, with --small, checks that each one runs).
 
 Run:  python benchmarks/run_all.py           (all full modes; rewrites RESULTS.md)
-      python benchmarks/run_all.py --small   (CI: every small mode, prints only)
+      python benchmarks/run_all.py --small   (CI: every small mode, through
+                                              every writer into one temp file)
 """
 
 from __future__ import annotations
@@ -10,26 +11,37 @@ import argparse
 import pathlib
 import subprocess
 import sys
+import tempfile
 
-SCRIPTS = (
-    "step_cost.py",
-    "every_k_cost.py",
-    "multi_device.py",
-    "generalization.py",
-    "agr.py",
-    "dln.py",
-)
+HERE = pathlib.Path(__file__).resolve().parent
+# script -> the arguments of its full mode (the one that writes RESULTS.md)
+SCRIPTS = {
+  "step_cost.py": [],
+  "every_k_cost.py": [],
+  "multi_device.py": [],
+  "generalization.py": ["--full"],
+  "agr.py": [],
+  "dln.py": [],
+}
 
 
 def main(argv: list[str] | None = None) -> None:
+  """Runs every script's full mode, or with ``--small`` every small mode."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--small", action="store_true", help="small modes (CI)")
   args = parser.parse_args(argv)
-  here = pathlib.Path(__file__).parent
-  for script in SCRIPTS:
-    cmd = [sys.executable, str(here / script), *(["--small"] if args.small else [])]
+  extra: list[str] = []
+  if args.small:
+    fd, name = tempfile.mkstemp(prefix="RESULTS-small-", suffix=".md")
+    with open(fd, "w") as f:
+      f.write((HERE / "RESULTS.md").read_text())
+    extra = ["--small", "--results", name]
+  for script, full_args in SCRIPTS.items():
+    cmd = [sys.executable, str(HERE / script), *(extra or full_args)]
     print("+ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
+  if args.small:
+    print(f"every small mode wrote its section to {extra[-1]}")
 
 
 if __name__ == "__main__":

@@ -8,17 +8,18 @@ round and taking the median of the per-round ratios after warm-up. It also
 reads the compiled step's `memory_analysis()` (working memory, arguments,
 outputs) in multiples of the parameters' bytes, and counts the convolutions
 and dots in the compiled HLO, the evidence for why a ratio is what it is.
+`every_k` is measured in `every_k_cost.py`, on the same models.
 
 Run:  python benchmarks/step_cost.py              (writes benchmarks/RESULTS.md)
-      python benchmarks/step_cost.py --small      (CI: < 60 s, prints only)
-      python benchmarks/step_cost.py --no-write   (full run, prints only)
+      python benchmarks/step_cost.py --small      (CI: MLP only; temp file)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import pathlib
 import re
+import sys
 import time
 
 import jax
@@ -29,7 +30,9 @@ from flax import nnx
 
 import gnorm_optax as gx
 from gnorm_optax.examples.models import make_model
-from results_md import write_section
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import results_md  # noqa: E402
 
 SECTION = "## Step cost and memory"
 LR, RHO, ALPHA, GAMMA, EPSILON = 0.05, 0.05, 0.8, 0.1, 0.01
@@ -37,43 +40,45 @@ BATCH, IN_SHAPE, NUM_CLASSES = 128, (8, 8, 1), 10
 
 # name -> (reference name, target ratio or None). `None` reference: no row.
 COMPARISONS = {
-    "gx.sam": ("optax.contrib.sam (opaque)", 1.00),
-    "penalized_grad": ("plain sgd", 2.05),
-    "finite_difference_gr (forward)": ("plain sgd", 2.05),
-    "sam every_k=2": ("plain sgd", 1.05 * (1 + 1 / 2)),
-    "sam every_k=5": ("plain sgd", 1.05 * (1 + 1 / 5)),
-    "sam every_k=10": ("plain sgd", 1.05 * (1 + 1 / 10)),
-    "finite_difference_gr (forward) ": ("gradient_regularization (exact)", 0.6),
-    "gradient_regularization (exact)": ("plain sgd", None),
-    "optax.contrib.sam (opaque)": ("plain sgd", None),
-    "gx.sam ": ("plain sgd", None),
-    "agr_adamw": ("optax.adamw", 1.02),
-    "agr_adan": ("gx.adan", 1.02),
+  "gx.sam": ("optax.contrib.sam (opaque)", 1.00),
+  "penalized_grad": ("plain sgd", 2.05),
+  "finite_difference_gr (forward)": ("plain sgd", 2.05),
+  "finite_difference_gr (forward) ": ("gradient_regularization (exact)", 0.6),
+  "gradient_regularization (exact)": ("plain sgd", None),
+  "optax.contrib.sam (opaque)": ("plain sgd", None),
+  "gx.sam ": ("plain sgd", None),
+  "agr_adamw": ("optax.adamw", 1.02),
+  "agr_adan": ("gx.adan", 1.02),
 }
 # Variants whose extra working memory should stay within one parameter copy.
 ONE_COPY = ("gx.sam", "penalized_grad", "finite_difference_gr (forward)")
+
 
 def variants():
   """name -> (transformation, takes_index_grad_fn)."""
   sgd = lambda: optax.sgd(LR)
   out = {
-      "plain sgd": (sgd(), False),
-      "gx.sam": (optax.chain(gx.sam(RHO), sgd()), False),
-      "optax.contrib.sam (opaque)": (
-          optax.contrib.sam(
-              sgd(), optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
-              sync_period=2, opaque_mode=True,
-          ),
-          True,
+    "plain sgd": (sgd(), False),
+    "gx.sam": (optax.chain(gx.sam(RHO), sgd()), False),
+    "optax.contrib.sam (opaque)": (
+      optax.contrib.sam(
+        sgd(),
+        optax.chain(optax.contrib.normalize(), optax.sgd(RHO)),
+        sync_period=2,
+        opaque_mode=True,
       ),
-      "penalized_grad": (optax.chain(gx.penalized_grad(RHO, ALPHA), sgd()), False),
-      "finite_difference_gr (forward)": (
-          optax.chain(gx.finite_difference_gr(GAMMA, EPSILON), sgd()), False),
-      "gradient_regularization (exact)": (
-          optax.chain(gx.gradient_regularization(GAMMA), sgd()), False),
+      True,
+    ),
+    "penalized_grad": (optax.chain(gx.penalized_grad(RHO, ALPHA), sgd()), False),
+    "finite_difference_gr (forward)": (
+      optax.chain(gx.finite_difference_gr(GAMMA, EPSILON), sgd()),
+      False,
+    ),
+    "gradient_regularization (exact)": (
+      optax.chain(gx.gradient_regularization(GAMMA), sgd()),
+      False,
+    ),
   }
-  for k in (2, 5, 10):
-    out[f"sam every_k={k}"] = (optax.chain(gx.sam(RHO, every_k=k), sgd()), False)
   out["optax.adamw"] = (optax.adamw(1e-3), False)
   out["agr_adamw"] = (gx.agr_adamw(1e-3), False)
   # The paper's Adan (gx.adan), which gx.agr_adan puts AGR in front of.
@@ -114,10 +119,9 @@ def nbytes(tree):
 
 
 def hlo_counts(text):
-  """Convolutions, dots and conditionals in the compiled HLO (all computations)."""
+  """Convolutions and dots in the compiled HLO (all computations)."""
   count = lambda op: len(re.findall(rf"[ )]{op}\(", text))
-  return {"conv": count("convolution"), "dot": count("dot"),
-          "cond": count("conditional")}
+  return {"conv": count("convolution"), "dot": count("dot")}
 
 
 def analyse(step, args):
@@ -130,8 +134,10 @@ def analyse(step, args):
   except Exception:  # noqa: BLE001 - some backends raise instead of returning None
     ma = None
   if ma is not None:
-    mem = {f: getattr(ma, f"{f}_size_in_bytes", None)
-           for f in ("temp", "argument", "output", "alias")}
+    mem = {
+      f: getattr(ma, f"{f}_size_in_bytes", None)
+      for f in ("temp", "argument", "output", "alias")
+    }
   try:
     counts = hlo_counts(compiled.as_text())
   except Exception:  # noqa: BLE001
@@ -175,20 +181,16 @@ def fmt_mem(mem, key, param_bytes):
 
 
 def main(argv=None):
+  """Command line: times and analyses every variant, writes the section."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--small", action="store_true",
-                      help="MLP only, 2 rounds of a few steps (CI); prints only")
-  parser.add_argument("--no-write", action="store_true", help="print only")
+  results_md.add_arguments(parser)
   args = parser.parse_args(argv)
-  t_start = time.perf_counter()
-  load_start = os.getloadavg()[0]
+  record = results_md.start(args, argv)
+  # model -> timed steps per round
   if args.small:
-    models, rounds, steps = {"mlp": 10}, 2, None
+    models, rounds = {"mlp": 10}, 2
   else:
-    # steps per round, multiples of 10 so that every_k=2, 5, 10 refresh on
-    # exactly 1/k of the timed steps.
-    models, rounds, steps = {"mlp": 100, "cnn": 20, "resnet": 10}, 7, None
-  dev = jax.devices()[0]
+    models, rounds = {"mlp": 100, "cnn": 20, "resnet": 10}, 7
   time_rows, mem_rows, missed = [], [], []
   for model_name, n_steps in models.items():
     times, info, param_bytes = measure(model_name, rounds, n_steps)
@@ -203,80 +205,78 @@ def main(argv=None):
       if met == "**no**":
         missed.append((model_name, var, ref, ratio, target))
       time_rows.append(
-          f"| {model_name} ({n_params}) | {var} | {med[var] * 1e3:.2f} | "
-          f"{ratio:.2f} ({q1:.2f}-{q3:.2f}) | {ref} ({med[ref] * 1e3:.2f} ms) | "
-          f"{'' if target is None else f'<= {target:.2f}'} | {met} |")
+        f"| {model_name} ({n_params}) | {var} | {med[var] * 1e3:.2f} | "
+        f"{ratio:.2f} ({q1:.2f}-{q3:.2f}) | {ref} ({med[ref] * 1e3:.2f} ms) | "
+        f"{'' if target is None else f'<= {target:.2f}'} | {met} |"
+      )
     plain_mem = info["plain sgd"][0]
     for name, (mem, counts) in info.items():
       extra = "n/a"
-      if mem and plain_mem and mem.get("temp") is not None \
-          and plain_mem.get("temp") is not None:
+      if (
+        mem
+        and plain_mem
+        and mem.get("temp") is not None
+        and plain_mem.get("temp") is not None
+      ):
         extra = f"{(mem['temp'] - plain_mem['temp']) / param_bytes:+.2f}"
       ok = ""
       if name in ONE_COPY and extra != "n/a":
         ok = "yes" if float(extra) <= 1.0 else "**no**"
       c = counts or {}
       mem_rows.append(
-          f"| {model_name} | {name} | {fmt_mem(mem, 'temp', param_bytes)} | "
-          f"{extra} | {ok} | {fmt_mem(mem, 'argument', param_bytes)} | "
-          f"{fmt_mem(mem, 'output', param_bytes)} | {c.get('conv', '?')} | "
-          f"{c.get('dot', '?')} | {c.get('cond', '?')} |")
-  runtime = time.perf_counter() - t_start
-  load_end = os.getloadavg()[0]
-  command = "python benchmarks/step_cost.py" + (" --small" if args.small else "")
+        f"| {model_name} | {name} | {fmt_mem(mem, 'temp', param_bytes)} | "
+        f"{extra} | {ok} | {fmt_mem(mem, 'argument', param_bytes)} | "
+        f"{fmt_mem(mem, 'output', param_bytes)} | {c.get('conv', '?')} | "
+        f"{c.get('dot', '?')} |"
+      )
   steps_desc = ", ".join(f"{m}: {n}" for m, n in models.items())
   lines = [
-      SECTION,
-      "",
-      f"Device: {dev.device_kind} ({jax.default_backend()}), "
-      f"{jax.device_count()} device(s); jax {jax.__version__}, optax "
-      f"{optax.__version__}. Example models of `gnorm_optax/examples/models.py` "
-      f"on random {IN_SHAPE[0]}x{IN_SHAPE[1]}x{IN_SHAPE[2]} inputs, batch "
-      f"{BATCH}; params split out with `nnx.split(model, nnx.Param, ...)` and a "
-      "pure loss on `nnx.merge` (BatchNorm in training mode, its statistics "
-      "updates discarded in every variant). Median over "
-      f"{rounds} interleaved rounds (order alternating) of jitted steps "
-      f"({steps_desc} steps a round) after warm-up; the ratio is the median of "
-      "the per-round ratios, quartiles in brackets. Load average (1 min) "
-      f"{load_start:.1f} at the start and {load_end:.1f} at the end on "
-      f"{os.cpu_count()} CPU(s). Total runtime {runtime:.0f} s.",
-      f"Command: `{command}`",
-      "",
-      f"Hyperparameters: lr {LR}, rho {RHO}, alpha {ALPHA} (penalized_grad), "
-      f"gamma {GAMMA}, epsilon {EPSILON}; `optax.contrib.sam(sgd(lr), "
-      f"chain(normalize(), sgd(rho)), sync_period=2, opaque_mode=True)` does "
-      "the same work as `chain(gx.sam(rho), sgd(lr))`: one extra gradient a "
-      "step.",
-      "",
-      "| model (params) | variant | ms / step | ratio (quartiles) | compared to "
-      "| target | met? |",
-      "|---|---|---|---|---|---|---|",
-      *time_rows,
-      "",
-      "Compiled memory (`jax.jit(step).lower(...).compile().memory_analysis()`) "
-      "in multiples of the parameters' bytes; `extra temp` is the working "
-      "memory beyond the plain SGD step's (target for GNP / SAM / F-GR: at "
-      "most one extra copy). Arguments and outputs include the optimizer "
-      "state, the batch and the BatchNorm statistics. conv / dot / cond: "
-      "`convolution`, `dot` and `conditional` ops in the compiled HLO (all "
-      "computations, fused ones included).",
-      "",
-      "| model | variant | temp | extra temp | <= 1 copy? | arguments | outputs "
-      "| conv | dot | cond |",
-      "|---|---|---|---|---|---|---|---|---|---|",
-      *mem_rows,
-      "",
+    f"Example models of `gnorm_optax/examples/models.py` on random "
+    f"{IN_SHAPE[0]}x{IN_SHAPE[1]}x{IN_SHAPE[2]} inputs, batch {BATCH}; params "
+    "split out with `nnx.split(model, nnx.Param, ...)` and a pure loss on "
+    "`nnx.merge` (BatchNorm in training mode, its statistics updates "
+    f"discarded in every variant). Median over {rounds} interleaved rounds "
+    f"(order alternating) of jitted steps ({steps_desc} steps a round) after "
+    "warm-up; the ratio is the median of the per-round ratios, quartiles in "
+    "brackets. `every_k` is measured in its own section (`every_k_cost.py`).",
+    "",
+    f"Hyperparameters: lr {LR}, rho {RHO}, alpha {ALPHA} (penalized_grad), "
+    f"gamma {GAMMA}, epsilon {EPSILON}; `optax.contrib.sam(sgd(lr), "
+    f"chain(normalize(), sgd(rho)), sync_period=2, opaque_mode=True)` does "
+    "the same work as `chain(gx.sam(rho), sgd(lr))`: one extra gradient a "
+    "step.",
+    "",
+    "| model (params) | variant | ms / step | ratio (quartiles) | compared to "
+    "| target | met? |",
+    "|---|---|---|---|---|---|---|",
+    *time_rows,
+    "",
+    "Compiled memory (`jax.jit(step).lower(...).compile().memory_analysis()`) "
+    "in multiples of the parameters' bytes; `extra temp` is the working "
+    "memory beyond the plain SGD step's (target for GNP / SAM / F-GR: at "
+    "most one extra copy). Arguments and outputs include the optimizer "
+    "state, the batch and the BatchNorm statistics. conv / dot: "
+    "`convolution` and `dot` ops in the compiled HLO (all "
+    "computations, fused ones included).",
+    "",
+    "| model | variant | temp | extra temp | <= 1 copy? | arguments | outputs "
+    "| conv | dot |",
+    "|---|---|---|---|---|---|---|---|---|",
+    *mem_rows,
+    "",
   ]
   if missed:
-    lines.append("Missed targets in this run: " + "; ".join(
-        f"{m} {v} / {r} = {x:.2f} (target {t:.2f})" for m, v, r, x, t in missed)
-        + ".")
+    lines.append(
+      "Missed targets in this run: "
+      + "; ".join(
+        f"{m} {v} / {r} = {x:.2f} (target {t:.2f})" for m, v, r, x, t in missed
+      )
+      + "."
+    )
     lines.append("")
   text = "\n".join(lines)
   print(text)
-  print(f"runtime {runtime:.1f} s")
-  if not (args.small or args.no_write):
-    write_section(SECTION, text)
+  results_md.write(record, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -48,17 +48,20 @@ def _check_model_and_loss(name: str, model: Any, loss_fn: Any) -> None:
   fix = f"    gnorm_optax.flax.{name}(model, loss_fn, *batch)"
   if isinstance(loss_fn, nnx.Module) and not isinstance(model, nnx.Module):
     raise TypeError(
-        f"{name} got the loss function as `model` and an nnx.Module as "
-        f"`loss_fn`: the model comes first, then the loss, then its "
-        f"arguments:\n{fix}")
+      f"{name} got the loss function as `model` and an nnx.Module as "
+      f"`loss_fn`: the model comes first, then the loss, then its "
+      f"arguments:\n{fix}"
+    )
   if not isinstance(model, nnx.Module):
     raise TypeError(
-        f"{name} needs an nnx.Module as its first argument `model`, got "
-        f"{type(model).__name__}. Call it as\n{fix}")
+      f"{name} needs an nnx.Module as its first argument `model`, got "
+      f"{type(model).__name__}. Call it as\n{fix}"
+    )
   if isinstance(loss_fn, nnx.Module) or not callable(loss_fn):
     raise TypeError(
-        f"{name} needs `loss_fn(model, *batch) -> loss` as its second "
-        f"argument, got {type(loss_fn).__name__}. Call it as\n{fix}")
+      f"{name} needs `loss_fn(model, *batch) -> loss` as its second "
+      f"argument, got {type(loss_fn).__name__}. Call it as\n{fix}"
+    )
 
 
 def _key_str(key: Any) -> str:
@@ -71,7 +74,8 @@ def _key_str(key: Any) -> str:
 def _paths(tree: Any) -> list[str]:
   """The leaves' paths of `tree` as "a.b.c"; a State and a dict agree."""
   leaves = jax.tree_util.tree_leaves_with_path(
-      tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   return [".".join(_key_str(k) for k in path) for path, _ in leaves]
 
 
@@ -93,34 +97,37 @@ def _loss_value(name: str, out: Any, has_aux: bool) -> Any:
   if has_aux:
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
       raise TypeError(
-          f"{name}(..., has_aux=True) needs loss_fn to return a pair "
-          f"(loss, aux), got {type(out).__name__}. Return the pair, or drop "
-          f"has_aux:\n    gnorm_optax.flax.{name}(model, loss_fn, *batch)")
+        f"{name}(..., has_aux=True) needs loss_fn to return a pair "
+        f"(loss, aux), got {type(out).__name__}. Return the pair, or drop "
+        f"has_aux:\n    gnorm_optax.flax.{name}(model, loss_fn, *batch)"
+      )
     out = out[0]
   elif isinstance(out, (tuple, list)):
     raise TypeError(
-        f"{name}: loss_fn returned a {type(out).__name__} of {len(out)} "
-        f"values, not a scalar loss. If it returns (loss, aux), say so:\n"
-        f"    gnorm_optax.flax.{name}(model, loss_fn, *batch, has_aux=True)")
+      f"{name}: loss_fn returned a {type(out).__name__} of {len(out)} "
+      f"values, not a scalar loss. If it returns (loss, aux), say so:\n"
+      f"    gnorm_optax.flax.{name}(model, loss_fn, *batch, has_aux=True)"
+    )
   if isinstance(out, (int, float)):
     return out
   shape = getattr(out, "shape", None)
   if shape != ():
     described = f"shape {shape}" if shape is not None else type(out).__name__
     raise TypeError(
-        f"{name}: loss_fn must return a scalar loss, got {described}. Reduce "
-        f"it in the loss, e.g.\n    loss = jnp.mean(per_example_losses)")
+      f"{name}: loss_fn must return a scalar loss, got {described}. Reduce "
+      f"it in the loss, e.g.\n    loss = jnp.mean(per_example_losses)"
+    )
   return out
 
 
 def _pure_loss(
-    name: str,
-    model: nnx.Module,
-    loss_fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    wrt: Any,
-    has_aux: bool,
+  name: str,
+  model: nnx.Module,
+  loss_fn: Callable[..., Any],
+  args: tuple[Any, ...],
+  kwargs: dict[str, Any],
+  wrt: Any,
+  has_aux: bool,
 ) -> Callable[[Any], jax.Array]:
   """`params -> loss` on snapshot copies of `model` and the graph nodes."""
   _check_model_and_loss(name, model, loss_fn)
@@ -140,8 +147,7 @@ def _pure_loss(
     # the model's paths: a Module passed in the arguments stays constant.
     return path[0] == 0 and tuple(path[1:]) in wrt_paths
 
-  parts: tuple[Any, ...] = nnx.split(
-      (model, [leaves[i] for i in node_at]), in_wrt, ...)
+  parts: tuple[Any, ...] = nnx.split((model, [leaves[i] for i in node_at]), in_wrt, ...)
   graphdef, rest = parts[0], parts[2]  # (graphdef, wrt state, the rest)
   # A snapshot of plain arrays, not the Variables: the copy's writes cannot
   # reach `model` or the arguments (and writing to them under jax.grad would
@@ -158,16 +164,17 @@ def _pure_loss(
     extra = [p for p in got if p not in expected_set]
     missing = [p for p in expected if p not in set(got)]
     raise ValueError(
-        f"{name}: the params do not match the state this function was built "
-        f"for, nnx.state(model, wrt={wrt_name}):\n"
-        f"  params:   {len(got)} leaves {_brief(got)}\n"
-        f"  expected: {len(expected)} leaves {_brief(expected)}\n"
-        + (f"  not expected: {_brief(extra)}\n" if extra else "")
-        + (f"  missing: {_brief(missing)}\n" if missing else "")
-        + "Most likely the optimizer differentiates another `wrt`; pass the "
-        "same one to both:\n"
-        "    optimizer = nnx.Optimizer(model, tx, wrt=wrt)\n"
-        f"    gnorm_optax.flax.{name}(model, loss_fn, *batch, wrt=wrt)")
+      f"{name}: the params do not match the state this function was built "
+      f"for, nnx.state(model, wrt={wrt_name}):\n"
+      f"  params:   {len(got)} leaves {_brief(got)}\n"
+      f"  expected: {len(expected)} leaves {_brief(expected)}\n"
+      + (f"  not expected: {_brief(extra)}\n" if extra else "")
+      + (f"  missing: {_brief(missing)}\n" if missing else "")
+      + "Most likely the optimizer differentiates another `wrt`; pass the "
+      "same one to both:\n"
+      "    optimizer = nnx.Optimizer(model, tx, wrt=wrt)\n"
+      f"    gnorm_optax.flax.{name}(model, loss_fn, *batch, wrt=wrt)"
+    )
 
   def value_fn(params: Any) -> jax.Array:
     check_params(params)
@@ -183,12 +190,12 @@ def _pure_loss(
 
 
 def nnx_value_fn(
-    model: nnx.Module,
-    loss_fn: Callable[..., Any],
-    *args: Any,
-    wrt: Any = nnx.Param,
-    has_aux: bool = False,
-    **kwargs: Any,
+  model: nnx.Module,
+  loss_fn: Callable[..., Any],
+  *args: Any,
+  wrt: Any = nnx.Param,
+  has_aux: bool = False,
+  **kwargs: Any,
 ) -> Callable[[Any], jax.Array]:
   r"""The loss as a pure function of the parameters, for `value_fn=`.
 
@@ -244,17 +251,16 @@ def nnx_value_fn(
     et al., ICLR 2021, https://arxiv.org/abs/2010.01412 (the perturbed pass
     this function serves).
   """
-  return _pure_loss(
-      "nnx_value_fn", model, loss_fn, args, kwargs, wrt, has_aux)
+  return _pure_loss("nnx_value_fn", model, loss_fn, args, kwargs, wrt, has_aux)
 
 
 def nnx_grad_fn(
-    model: nnx.Module,
-    loss_fn: Callable[..., Any],
-    *args: Any,
-    wrt: Any = nnx.Param,
-    has_aux: bool = False,
-    **kwargs: Any,
+  model: nnx.Module,
+  loss_fn: Callable[..., Any],
+  *args: Any,
+  wrt: Any = nnx.Param,
+  has_aux: bool = False,
+  **kwargs: Any,
 ) -> Callable[[Any], Any]:
   r"""The gradient of the loss as a pure function of the parameters: `grad_fn=`.
 
@@ -316,5 +322,4 @@ def nnx_grad_fn(
     Zhao, Zhang, Hu, ICML 2022, https://arxiv.org/abs/2202.03599 ; Karakida
     et al., ICML 2023, https://arxiv.org/abs/2210.02720
   """
-  return jax.grad(_pure_loss(
-      "nnx_grad_fn", model, loss_fn, args, kwargs, wrt, has_aux))
+  return jax.grad(_pure_loss("nnx_grad_fn", model, loss_fn, args, kwargs, wrt, has_aux))

@@ -53,10 +53,10 @@ NUM_DEVICES = 8
 
 if __name__ == "__main__":  # Before JAX initialises; never on import.
   _flags = (
-      f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-      # Halves XLA:CPU compile time; the programs compared here are compiled
-      # with the same flag, and they are far too small for speed to matter.
-      "--xla_backend_optimization_level=0",
+    f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+    # Halves XLA:CPU compile time; the programs compared here are compiled
+    # with the same flag, and they are far too small for speed to matter.
+    "--xla_backend_optimization_level=0",
   )
   os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_flags])
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -71,8 +71,10 @@ import jax.flatten_util  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 import gnorm_optax as gx  # noqa: E402
 
@@ -87,26 +89,38 @@ Results = dict[str, float]  # check name -> max abs error (raises on failure)
 
 # name -> (factory(**axis kwargs), reference formula, hyperparameters)
 TRANSFORMS: dict[str, tuple[Callable[..., optax.GradientTransformation], str, dict]] = {
-    "penalized_grad": (
-        lambda **kw: gx.penalized_grad(0.1, 0.7, **kw), "gnp",
-        dict(rho=0.1, alpha=0.7)),
-    "sam": (lambda **kw: gx.sam(0.1, **kw), "gnp", dict(rho=0.1, alpha=1.0)),
-    "sam_adaptive": (
-        lambda **kw: gx.sam(0.5, adaptive=True, eta=0.01, **kw), "asam",
-        dict(rho=0.5, eta=0.01)),
-    "fdgr_forward": (
-        lambda **kw: gx.finite_difference_gr(0.1, 0.01, scheme="forward", **kw),
-        "forward", dict(gamma=0.1, epsilon=0.01)),
-    "fdgr_backward": (
-        lambda **kw: gx.finite_difference_gr(0.1, 0.01, scheme="backward", **kw),
-        "backward", dict(gamma=0.1, epsilon=0.01)),
-    "fdgr_central": (
-        lambda **kw: gx.finite_difference_gr(0.1, 0.01, scheme="central", **kw),
-        "central", dict(gamma=0.1, epsilon=0.01)),
-    "gradient_regularization": (
-        # It has no sync_perturbation flag: it always steps along the mean g.
-        lambda sync_perturbation=True, **kw: gx.gradient_regularization(0.1, **kw),
-        "exact", dict(gamma=0.1)),
+  "penalized_grad": (
+    lambda **kw: gx.penalized_grad(0.1, 0.7, **kw),
+    "gnp",
+    dict(rho=0.1, alpha=0.7),
+  ),
+  "sam": (lambda **kw: gx.sam(0.1, **kw), "gnp", dict(rho=0.1, alpha=1.0)),
+  "sam_adaptive": (
+    lambda **kw: gx.sam(0.5, adaptive=True, eta=0.01, **kw),
+    "asam",
+    dict(rho=0.5, eta=0.01),
+  ),
+  "fdgr_forward": (
+    lambda **kw: gx.finite_difference_gr(0.1, 0.01, scheme="forward", **kw),
+    "forward",
+    dict(gamma=0.1, epsilon=0.01),
+  ),
+  "fdgr_backward": (
+    lambda **kw: gx.finite_difference_gr(0.1, 0.01, scheme="backward", **kw),
+    "backward",
+    dict(gamma=0.1, epsilon=0.01),
+  ),
+  "fdgr_central": (
+    lambda **kw: gx.finite_difference_gr(0.1, 0.01, scheme="central", **kw),
+    "central",
+    dict(gamma=0.1, epsilon=0.01),
+  ),
+  "gradient_regularization": (
+    # It has no sync_perturbation flag: it always steps along the mean g.
+    lambda sync_perturbation=True, **kw: gx.gradient_regularization(0.1, **kw),
+    "exact",
+    dict(gamma=0.1),
+  ),
 }
 
 
@@ -128,13 +142,13 @@ def mapped_variants() -> dict[str, tuple[str, bool]]:
 def mlp_params(seed: int = 0) -> dict:
   k = jax.random.split(jax.random.key(seed), 3)
   return {
-      "w1": jax.random.normal(k[0], (FEATURES, HIDDEN)) / 4,
-      "b1": jax.random.normal(k[1], (HIDDEN,)) * 0.1,
-      "w2": jax.random.normal(k[2], (HIDDEN, CLASSES)) / 6,
-      "b2": jnp.zeros((CLASSES,)),
-      # No axis divisible by 8: replicated under FSDP.
-      "scale": jnp.array(1.2, jnp.float32),
-      "gain": jnp.array([1.0, 0.9, 1.1], jnp.float32),
+    "w1": jax.random.normal(k[0], (FEATURES, HIDDEN)) / 4,
+    "b1": jax.random.normal(k[1], (HIDDEN,)) * 0.1,
+    "w2": jax.random.normal(k[2], (HIDDEN, CLASSES)) / 6,
+    "b2": jnp.zeros((CLASSES,)),
+    # No axis divisible by 8: replicated under FSDP.
+    "scale": jnp.array(1.2, jnp.float32),
+    "gain": jnp.array([1.0, 0.9, 1.1], jnp.float32),
   }
 
 
@@ -150,14 +164,15 @@ CNN_IMAGE = (4, 4, 1)
 def cnn_params(seed: int = 0) -> dict:
   k = jax.random.split(jax.random.key(seed), 2)
   return {
-      "conv": jax.random.normal(k[0], (3, 3, 1, 8)) * 0.3,
-      "w": jax.random.normal(k[1], (4 * 4 * 8, CLASSES)) * 0.05,
+    "conv": jax.random.normal(k[0], (3, 3, 1, 8)) * 0.3,
+    "w": jax.random.normal(k[1], (4 * 4 * 8, CLASSES)) * 0.05,
   }
 
 
 def cnn_loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   h = jax.lax.conv_general_dilated(
-      x, p["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x, p["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   logits = jnp.tanh(h).reshape(x.shape[0], -1) @ p["w"]
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
@@ -165,9 +180,11 @@ def cnn_loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
 def batches(steps: int, shape=(FEATURES,), seed: int = 1):
   rng = np.random.default_rng(seed)
   return [
-      (rng.normal(size=(BATCH, *shape)).astype(np.float32),
-       rng.integers(0, CLASSES, BATCH).astype(np.int32))
-      for _ in range(steps)
+    (
+      rng.normal(size=(BATCH, *shape)).astype(np.float32),
+      rng.integers(0, CLASSES, BATCH).astype(np.int32),
+    )
+    for _ in range(steps)
   ]
 
 
@@ -257,7 +274,8 @@ def train_jit(txs: dict, loss, params, data, param_sharding, batch_sharding):
     new_ps, new_ss, us = {}, {}, {}
     for name, tx in txs.items():
       us[name], new_ss[name] = tx.update(
-          grad_fn(ps[name]), ss[name], ps[name], grad_fn=grad_fn)
+        grad_fn(ps[name]), ss[name], ps[name], grad_fn=grad_fn
+      )
       new_ps[name] = optax.apply_updates(ps[name], us[name])
     return new_ps, new_ss, us
 
@@ -266,17 +284,22 @@ def train_jit(txs: dict, loss, params, data, param_sharding, batch_sharding):
   ps = jax.device_put(ps, shardings(ps, param_sharding))
   ss = jax.device_put(ss, shardings(ss, param_sharding))
   # Fixed output shardings: step 2 reuses step 1's executable.
-  step = jax.jit(step, out_shardings=(
-      shardings(ps, param_sharding), shardings(ss, param_sharding),
-      shardings(ps, param_sharding)))
+  step = jax.jit(
+    step,
+    out_shardings=(
+      shardings(ps, param_sharding),
+      shardings(ss, param_sharding),
+      shardings(ps, param_sharding),
+    ),
+  )
   updates = {name: [] for name in txs}
   for x, y in data:
     ps, ss, us = step(ps, ss, *jax.device_put((x, y), batch_sharding))
     for name in txs:
       updates[name].append(us[name])
   return {
-      name: (ps[name], updates[name], shardings(ps[name], lambda a: a.sharding))
-      for name in txs
+    name: (ps[name], updates[name], shardings(ps[name], lambda a: a.sharding))
+    for name in txs
   }
 
 
@@ -296,14 +319,28 @@ def jit_runs() -> dict[str, dict]:
     return NamedSharding(m, P("data"))
 
   return {
-      "single": train_jit(txs, mlp_loss, params, data, single_device,
-                          SingleDeviceSharding(jax.devices()[0])),
-      "replicated": train_jit(txs, mlp_loss, params, data,
-                              lambda _: NamedSharding(auto, P()), batch(auto)),
-      "explicit": train_jit(txs, mlp_loss, params, data,
-                            lambda _: NamedSharding(explicit, P()), batch(explicit)),
-      "fsdp": train_jit(txs, mlp_loss, params, data,
-                        lambda x: NamedSharding(auto, fsdp_spec(x)), batch(auto)),
+    "single": train_jit(
+      txs, mlp_loss, params, data, single_device, SingleDeviceSharding(jax.devices()[0])
+    ),
+    "replicated": train_jit(
+      txs, mlp_loss, params, data, lambda _: NamedSharding(auto, P()), batch(auto)
+    ),
+    "explicit": train_jit(
+      txs,
+      mlp_loss,
+      params,
+      data,
+      lambda _: NamedSharding(explicit, P()),
+      batch(explicit),
+    ),
+    "fsdp": train_jit(
+      txs,
+      mlp_loss,
+      params,
+      data,
+      lambda x: NamedSharding(auto, fsdp_spec(x)),
+      batch(auto),
+    ),
   }
 
 
@@ -329,8 +366,9 @@ def check_jit(layout: str, name: str) -> float:
 @functools.cache
 def _jitted_grads(loss):
   grad = jax.jit(jax.grad(loss))
-  hvp = jax.jit(lambda p, v, x, y: jax.jvp(
-      lambda q: jax.grad(loss)(q, x, y), (p,), (v,))[1])
+  hvp = jax.jit(
+    lambda p, v, x, y: jax.jvp(lambda q: jax.grad(loss)(q, x, y), (p,), (v,))[1]
+  )
   return grad, hvp
 
 
@@ -394,12 +432,12 @@ def local_updates(txs: dict, loss, vary: bool) -> Callable:
   def per_device(p, x, y):
     if vary:  # check_vma=True: gradients at varying params are local.
       p = jax.lax.pcast(p, "data", to="varying")
+
     def grad_fn(q):
       return jax.grad(loss)(q, x, y)
 
     g = grad_fn(p)
-    return {k: tx.update(g, tx.init(p), p, grad_fn=grad_fn)[0]
-            for k, tx in txs.items()}
+    return {k: tx.update(g, tx.init(p), p, grad_fn=grad_fn)[0] for k, tx in txs.items()}
 
   return per_device
 
@@ -412,20 +450,28 @@ def shard_map_updates(txs, loss, params, x, y, *, check_vma: bool, vary=None):
   """
   mesh = make_mesh()
   vary = check_vma if vary is None else vary
-  f = jax.jit(jax.shard_map(
-      local_updates(txs, loss, vary=vary), mesh=mesh,
-      in_specs=(P(), P("data"), P("data")), out_specs=P(), check_vma=check_vma))
+  f = jax.jit(
+    jax.shard_map(
+      local_updates(txs, loss, vary=vary),
+      mesh=mesh,
+      in_specs=(P(), P("data"), P("data")),
+      out_specs=P(),
+      check_vma=check_vma,
+    )
+  )
   rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   return f(jax.device_put(params, rep), *jax.device_put((x, y), dat))
 
 
 def pmap_updates(txs, loss, params, x, y):
   """One update of every tx inside `jax.pmap` (params broadcast)."""
+
   def split(a):
     return a.reshape(NUM_DEVICES, -1, *a.shape[1:])
 
-  out = jax.pmap(local_updates(txs, loss, vary=False), axis_name="data",
-                 in_axes=(None, 0, 0))(params, split(x), split(y))
+  out = jax.pmap(
+    local_updates(txs, loss, vary=False), axis_name="data", in_axes=(None, 0, 0)
+  )(params, split(x), split(y))
   for leaf in jax.tree.leaves(out):  # every device holds the same update
     leaf = np.asarray(leaf)
     np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
@@ -449,16 +495,21 @@ def mapped_run(how: str) -> dict:
       def grad_fn(q):
         return jax.grad(mlp_loss)(q, x, y)
 
-      return {n: tx.update(grad_fn(p), tx.init(p), p, grad_fn=grad_fn)[0]
-              for n, tx in single.items()}
+      return {
+        n: tx.update(grad_fn(p), tx.init(p), p, grad_fn=grad_fn)[0]
+        for n, tx in single.items()
+      }
 
     return single_device_updates(params, x, y)
-  txs = {k: TRANSFORMS[n][0](axis_name="data", sync_perturbation=sync)
-         for k, (n, sync) in mapped_variants().items()}
+  txs = {
+    k: TRANSFORMS[n][0](axis_name="data", sync_perturbation=sync)
+    for k, (n, sync) in mapped_variants().items()
+  }
   if how == "pmap":
     return pmap_updates(txs, mlp_loss, params, x, y)
   return shard_map_updates(
-      txs, mlp_loss, params, x, y, check_vma=how == "shard_map check_vma")
+    txs, mlp_loss, params, x, y, check_vma=how == "shard_map check_vma"
+  )
 
 
 def check_mapped(how: str, variant: str) -> float:
@@ -490,19 +541,25 @@ def sam_every_k(**kw):
 
 @once
 def every_k_jit_runs() -> dict[str, dict]:
-  txs = {"sam": sam_every_k(), "fdgr_central": optax.chain(
-      gx.finite_difference_gr(0.1, 0.01, scheme="central", every_k=2),
-      optax.sgd(LR))}
+  txs = {
+    "sam": sam_every_k(),
+    "fdgr_central": optax.chain(
+      gx.finite_difference_gr(0.1, 0.01, scheme="central", every_k=2), optax.sgd(LR)
+    ),
+  }
   params, data = mlp_params(), batches(STEPS)
   mesh = make_mesh()
   batch = NamedSharding(mesh, P("data"))
   return {
-      "single": train_jit(txs, mlp_loss, params, data, single_device,
-                          SingleDeviceSharding(jax.devices()[0])),
-      "replicated": train_jit(txs, mlp_loss, params, data,
-                              lambda _: NamedSharding(mesh, P()), batch),
-      "fsdp": train_jit(txs, mlp_loss, params, data,
-                        lambda x: NamedSharding(mesh, fsdp_spec(x)), batch),
+    "single": train_jit(
+      txs, mlp_loss, params, data, single_device, SingleDeviceSharding(jax.devices()[0])
+    ),
+    "replicated": train_jit(
+      txs, mlp_loss, params, data, lambda _: NamedSharding(mesh, P()), batch
+    ),
+    "fsdp": train_jit(
+      txs, mlp_loss, params, data, lambda x: NamedSharding(mesh, fsdp_spec(x)), batch
+    ),
   }
 
 
@@ -529,9 +586,15 @@ def train_shard_map(txs, loss, params, data, *, check_vma: bool):
       new_ps[name] = optax.apply_updates(p, us[name])
     return new_ps, new_ss, us
 
-  step = jax.jit(jax.shard_map(
-      step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=P(),
-      check_vma=check_vma))
+  step = jax.jit(
+    jax.shard_map(
+      step,
+      mesh=mesh,
+      in_specs=(P(), P(), P("data"), P("data")),
+      out_specs=P(),
+      check_vma=check_vma,
+    )
+  )
   rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   ps = jax.device_put({name: params for name in txs}, rep)
   ss = jax.device_put({name: tx.init(params) for name, tx in txs.items()}, rep)
@@ -549,12 +612,20 @@ def every_k_shard_map_runs(model: str) -> dict:
     loss, params, data = mlp_loss, mlp_params(), batches(STEPS)
   else:
     loss, params, data = cnn_loss, cnn_params(), batches(STEPS, CNN_IMAGE)
-  txs = {"sync": sam_every_k(axis_name="data"),
-         "local": sam_every_k(axis_name="data", sync_perturbation=False)}
+  txs = {
+    "sync": sam_every_k(axis_name="data"),
+    "local": sam_every_k(axis_name="data", sync_perturbation=False),
+  }
   # The CNN goes through check_vma=True (params cast to varying).
   out = train_shard_map(txs, loss, params, data, check_vma=model == "cnn")
-  single = train_jit({"sam": sam_every_k()}, loss, params, data, single_device,
-                     SingleDeviceSharding(jax.devices()[0]))
+  single = train_jit(
+    {"sam": sam_every_k()},
+    loss,
+    params,
+    data,
+    single_device,
+    SingleDeviceSharding(jax.devices()[0]),
+  )
   return dict(out, single=single["sam"][1], loss=loss, params=params, data=data)
 
 
@@ -572,9 +643,15 @@ def check_every_k_shard_map(model: str, mode: str) -> float:
     else:
       g = np.mean([ref.grad(theta, i) for i in range(NUM_DEVICES)], axis=0)
     u = -LR * (g + d)
-    err = max(err, assert_close(flat(runs["local"][t]), u,
-                                f"{model}: every_k m-sharpness, step {t}",
-                                atol=1e-5 if t else ATOL))
+    err = max(
+      err,
+      assert_close(
+        flat(runs["local"][t]),
+        u,
+        f"{model}: every_k m-sharpness, step {t}",
+        atol=1e-5 if t else ATOL,
+      ),
+    )
     theta = theta + u
   return err
 
@@ -600,6 +677,7 @@ def check_vma_reduced(case: str) -> float:
   sync = case == "local_loss"
   txs = {"sam": gx.sam(0.1, axis_name="data", sync_perturbation=sync)}
   params, ((x, y),) = mlp_params(), batches(1)
+
   def pmean_loss(p, x, y):
     return jax.lax.pmean(mlp_loss(p, x, y), "data")
 
@@ -611,12 +689,14 @@ def check_vma_reduced(case: str) -> float:
       return 0.0
     raise
   expected, _ = PerShard(mlp_loss, params, x, y).update(
-      "gnp", dict(rho=0.1, alpha=1.0), sync)
+    "gnp", dict(rho=0.1, alpha=1.0), sync
+  )
   got = flat(out["sam"])
   raise AssertionError(
-      f"no ValueError, and the update is not the per-shard reference: "
-      f"|update| / |reference| = {np.linalg.norm(got) / np.linalg.norm(expected):.3f}, "
-      f"max abs difference {np.max(np.abs(got - expected)):.3g}")
+    f"no ValueError, and the update is not the per-shard reference: "
+    f"|update| / |reference| = {np.linalg.norm(got) / np.linalg.norm(expected):.3f}, "
+    f"max abs difference {np.max(np.abs(got - expected)):.3g}"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -629,12 +709,13 @@ def _inject(name: str):
   if name == "sam":
     kw.pop("alpha")
   make = {
-      "penalized_grad": gx.penalized_grad, "sam": gx.sam,
-      "sam_adaptive": functools.partial(gx.sam, adaptive=True),
-      "fdgr_forward": functools.partial(gx.finite_difference_gr, scheme="forward"),
-      "fdgr_backward": functools.partial(gx.finite_difference_gr, scheme="backward"),
-      "fdgr_central": functools.partial(gx.finite_difference_gr, scheme="central"),
-      "gradient_regularization": gx.gradient_regularization,
+    "penalized_grad": gx.penalized_grad,
+    "sam": gx.sam,
+    "sam_adaptive": functools.partial(gx.sam, adaptive=True),
+    "fdgr_forward": functools.partial(gx.finite_difference_gr, scheme="forward"),
+    "fdgr_backward": functools.partial(gx.finite_difference_gr, scheme="backward"),
+    "fdgr_central": functools.partial(gx.finite_difference_gr, scheme="central"),
+    "gradient_regularization": gx.gradient_regularization,
   }[name]
   return optax.inject_hyperparams(make)(**kw)
 
@@ -649,8 +730,7 @@ def explicit_variants() -> dict[str, Callable[[], optax.GradientTransformation]]
 
 def gathered_loss(p, x, y):
   """`mlp_loss` with FSDP params all-gathered first (explicit sharding)."""
-  return mlp_loss(jax.tree.map(
-      lambda w: jax.sharding.reshard(w, P()), p), x, y)
+  return mlp_loss(jax.tree.map(lambda w: jax.sharding.reshard(w, P()), p), x, y)
 
 
 def _train_donated(make, loss, params, data, sharding_of, batch_sharding):
@@ -679,12 +759,23 @@ def explicit_runs() -> dict[str, tuple]:
   params, data = mlp_params(), batches(4)
   out = {}
   for name, make in explicit_variants().items():
-    single = _train_donated(make, mlp_loss, params, data, single_device,
-                            SingleDeviceSharding(jax.devices()[0]))
+    single = _train_donated(
+      make,
+      mlp_loss,
+      params,
+      data,
+      single_device,
+      SingleDeviceSharding(jax.devices()[0]),
+    )
     with jax.set_mesh(mesh):
       sharded = _train_donated(
-          make, gathered_loss, params, data,
-          lambda x: NamedSharding(mesh, fsdp_spec(x)), NamedSharding(mesh, P("data")))
+        make,
+        gathered_loss,
+        params,
+        data,
+        lambda x: NamedSharding(mesh, fsdp_spec(x)),
+        NamedSharding(mesh, P("data")),
+      )
     out[name] = (single, sharded)
   return out
 
@@ -695,8 +786,7 @@ def check_explicit(name: str) -> float:
   assert sum(any(a is not None for a in spec) for spec in specs.values()) == 4, specs
   # The every_k cache keeps each parameter's sharding.
   caches = [x for x in jax.tree.leaves(s) if x.ndim]
-  assert caches and all(
-      c.sharding.spec in set(specs.values()) for c in caches), caches
+  assert caches and all(c.sharding.spec in set(specs.values()) for c in caches), caches
   return assert_close(p, ref_p, f"{name}: params, explicit FSDP vs single")
 
 
@@ -705,43 +795,70 @@ def check_explicit(name: str) -> float:
 # ----------------------------------------------------------------------------
 
 GROUPS: dict[str, dict[str, Callable[[], float]]] = {
-    "jit": {
-        **{f"replicated {k}": v for k, v in each(
-            TRANSFORMS, functools.partial(check_jit, "replicated")).items()},
-        **{f"explicit-mesh replicated {k}": v for k, v in each(
-            TRANSFORMS, functools.partial(check_jit, "explicit")).items()},
-        **{f"fsdp {k}": v for k, v in each(
-            TRANSFORMS, functools.partial(check_jit, "fsdp")).items()},
+  "jit": {
+    **{
+      f"replicated {k}": v
+      for k, v in each(TRANSFORMS, functools.partial(check_jit, "replicated")).items()
     },
-    "mapped": {
-        **{f"shard_map {k}": v for k, v in each(
-            mapped_variants(), functools.partial(check_mapped, "shard_map")).items()},
-        **{f"shard_map check_vma {k}": v for k, v in each(
-            mapped_variants(),
-            functools.partial(check_mapped, "shard_map check_vma")).items()},
-        **{f"pmap {k}": v for k, v in each(
-            mapped_variants(), functools.partial(check_mapped, "pmap")).items()},
+    **{
+      f"explicit-mesh replicated {k}": v
+      for k, v in each(TRANSFORMS, functools.partial(check_jit, "explicit")).items()
     },
-    "every_k": {
-        **{f"jit {layout} {name}": functools.partial(check_every_k_jit, layout, name)
-           for layout in ("replicated", "fsdp") for name in ("sam", "fdgr_central")},
-        **{f"shard_map {model} {mode}": functools.partial(
-            check_every_k_shard_map, model, mode)
-           for model in ("mlp", "cnn") for mode in ("sync", "local")},
+    **{
+      f"fsdp {k}": v
+      for k, v in each(TRANSFORMS, functools.partial(check_jit, "fsdp")).items()
     },
-    "explicit": each(explicit_variants(), check_explicit),
-    "reduced": {
-        **{f"reduced gradient {case}": functools.partial(check_vma_reduced, case)
-           for case in ("local_loss", "pmean_loss")},
+  },
+  "mapped": {
+    **{
+      f"shard_map {k}": v
+      for k, v in each(
+        mapped_variants(), functools.partial(check_mapped, "shard_map")
+      ).items()
     },
+    **{
+      f"shard_map check_vma {k}": v
+      for k, v in each(
+        mapped_variants(), functools.partial(check_mapped, "shard_map check_vma")
+      ).items()
+    },
+    **{
+      f"pmap {k}": v
+      for k, v in each(
+        mapped_variants(), functools.partial(check_mapped, "pmap")
+      ).items()
+    },
+  },
+  "every_k": {
+    **{
+      f"jit {layout} {name}": functools.partial(check_every_k_jit, layout, name)
+      for layout in ("replicated", "fsdp")
+      for name in ("sam", "fdgr_central")
+    },
+    **{
+      f"shard_map {model} {mode}": functools.partial(
+        check_every_k_shard_map, model, mode
+      )
+      for model in ("mlp", "cnn")
+      for mode in ("sync", "local")
+    },
+  },
+  "explicit": each(explicit_variants(), check_explicit),
+  "reduced": {
+    **{
+      f"reduced gradient {case}": functools.partial(check_vma_reduced, case)
+      for case in ("local_loss", "pmean_loss")
+    },
+  },
 }
 
 
 def run(groups: list[str]) -> list[dict]:
   if jax.device_count() != NUM_DEVICES:
     raise SystemExit(
-        f"expected {NUM_DEVICES} devices, got {jax.device_count()}: run this file "
-        "as a script (it sets XLA_FLAGS before JAX starts)")
+      f"expected {NUM_DEVICES} devices, got {jax.device_count()}: run this file "
+      "as a script (it sets XLA_FLAGS before JAX starts)"
+    )
   results = []
   for group in groups:
     for name, check in GROUPS[group].items():

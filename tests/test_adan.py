@@ -32,9 +32,9 @@ STEPS = 25
 def start_params() -> dict:
   rng = np.random.default_rng(0)
   return {
-      "w": rng.normal(size=(3, 2)),
-      "b": rng.normal(size=(3,)),
-      "z": (rng.normal(size=(2,)), rng.normal(size=(2, 2))),
+    "w": rng.normal(size=(3, 2)),
+    "b": rng.normal(size=(3,)),
+    "z": (rng.normal(size=(2,)), rng.normal(size=(2, 2))),
   }
 
 
@@ -44,9 +44,9 @@ TARGET = np.array([0.3, -0.7, 1.1])
 def grad_np(p: dict) -> dict:
   """Gradient of sum(cos w) + sum((b - t)^2) + sum(z0^4)/4 + sum(sin z1)."""
   return {
-      "w": -np.sin(p["w"]),
-      "b": 2.0 * (p["b"] - TARGET),
-      "z": (p["z"][0] ** 3, np.cos(p["z"][1])),
+    "w": -np.sin(p["w"]),
+    "b": 2.0 * (p["b"] - TARGET),
+    "z": (p["z"][0] ** 3, np.cos(p["z"][1])),
   }
 
 
@@ -69,15 +69,15 @@ def agr_np(g: np.ndarray) -> np.ndarray:
 
 
 def reference(
-    params: dict,
-    steps: int,
-    lr,
-    betas=(0.98, 0.92, 0.99),
-    eps=1e-8,
-    weight_decay=0.0,
-    no_prox=False,
-    decay_mask=None,
-    diff_coef=None,
+  params: dict,
+  steps: int,
+  lr,
+  betas=(0.98, 0.92, 0.99),
+  eps=1e-8,
+  weight_decay=0.0,
+  no_prox=False,
+  decay_mask=None,
+  diff_coef=None,
 ) -> list[dict]:
   """Params after each step of official Adan (+AGR), in float64.
 
@@ -89,8 +89,9 @@ def reference(
   beta1, beta2, beta3 = betas
   coef = beta2 if diff_coef is None else diff_coef
   leaves, treedef = jax.tree.flatten(params)
-  paths = [jax.tree_util.keystr(k)
-           for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  paths = [
+    jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
   p = [np.array(x, np.float64) for x in leaves]
   exp_avg = [np.zeros_like(x) for x in p]
   exp_avg_sq = [np.zeros_like(x) for x in p]
@@ -143,8 +144,10 @@ def run(tx, params: dict, steps: int) -> list[dict]:
 
 
 def max_abs_diff(a, b) -> float:
-  return max(float(np.max(np.abs(x - y)))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  return max(
+    float(np.max(np.abs(x - y)))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
 
 
 @pytest.fixture
@@ -164,27 +167,40 @@ def constant(count):
 
 
 CASES = {
-    "plain": (dict(learning_rate=0.05), dict(lr=constant)),
-    "schedule": (dict(learning_rate=schedule), dict(lr=schedule)),
-    "prox_decay": (dict(learning_rate=schedule, weight_decay=0.3),
-                   dict(lr=schedule, weight_decay=0.3)),
-    "decoupled_decay": (
-        dict(learning_rate=schedule, weight_decay=0.3, proximal=False),
-        dict(lr=schedule, weight_decay=0.3, no_prox=True)),
-    "masked_decay": (
-        dict(learning_rate=0.05, weight_decay=0.3,
-             mask={"w": True, "b": False, "z": True}),
-        dict(lr=constant, weight_decay=0.3,
-             decay_mask=lambda path: not path.startswith("['b']"))),
-    "callable_mask": (
-        dict(learning_rate=schedule, weight_decay=0.3,
-             mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
-        dict(lr=schedule, weight_decay=0.3,
-             decay_mask=lambda path: path in ("['w']", "['z'][1]"))),
-    "other_betas": (
-        dict(learning_rate=schedule, b1=0.9, b2=0.7, b3=0.95, eps=1e-3,
-             weight_decay=0.1),
-        dict(lr=schedule, betas=(0.9, 0.7, 0.95), eps=1e-3, weight_decay=0.1)),
+  "plain": (dict(learning_rate=0.05), dict(lr=constant)),
+  "schedule": (dict(learning_rate=schedule), dict(lr=schedule)),
+  "prox_decay": (
+    dict(learning_rate=schedule, weight_decay=0.3),
+    dict(lr=schedule, weight_decay=0.3),
+  ),
+  "decoupled_decay": (
+    dict(learning_rate=schedule, weight_decay=0.3, proximal=False),
+    dict(lr=schedule, weight_decay=0.3, no_prox=True),
+  ),
+  "masked_decay": (
+    dict(learning_rate=0.05, weight_decay=0.3, mask={"w": True, "b": False, "z": True}),
+    dict(
+      lr=constant,
+      weight_decay=0.3,
+      decay_mask=lambda path: not path.startswith("['b']"),
+    ),
+  ),
+  "callable_mask": (
+    dict(
+      learning_rate=schedule,
+      weight_decay=0.3,
+      mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+    ),
+    dict(
+      lr=schedule,
+      weight_decay=0.3,
+      decay_mask=lambda path: path in ("['w']", "['z'][1]"),
+    ),
+  ),
+  "other_betas": (
+    dict(learning_rate=schedule, b1=0.9, b2=0.7, b3=0.95, eps=1e-3, weight_decay=0.1),
+    dict(lr=schedule, betas=(0.9, 0.7, 0.95), eps=1e-3, weight_decay=0.1),
+  ),
 }
 
 
@@ -196,8 +212,9 @@ def test_matches_official_adan_with_agr_step_by_step(x64, name):
   want = reference(p0, STEPS, **theirs)
   for k, (g, w) in enumerate(zip(got, want, strict=True)):
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w), strict=True):
-      np.testing.assert_allclose(a, b, rtol=0, atol=1e-12,
-                                 err_msg=f"{name}, step {k + 1}")
+      np.testing.assert_allclose(
+        a, b, rtol=0, atol=1e-12, err_msg=f"{name}, step {k + 1}"
+      )
   # The run moved: the comparison is not between two stalled trajectories.
   assert max_abs_diff(want[-1], p0) > 0.1
 
@@ -218,16 +235,18 @@ def test_first_step_is_the_sign_of_the_agr_gradient(x64):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
-def test_optax_adan_is_the_reference_with_coefficient_one_minus_b2(x64,
-                                                                  weight_decay):
+def test_optax_adan_is_the_reference_with_coefficient_one_minus_b2(x64, weight_decay):
   """What optax.adan computes: the same recursion with `1 - b2` instead of
   `b2` in the squared term and the update, and decoupled weight decay."""
   p0 = start_params()
-  tx = optax.chain(gx.adaptive_gradient_regularization(),
-                   optax.adan(0.05, eps_root=0.0, weight_decay=weight_decay))
+  tx = optax.chain(
+    gx.adaptive_gradient_regularization(),
+    optax.adan(0.05, eps_root=0.0, weight_decay=weight_decay),
+  )
   got = run(tx, p0, STEPS)
-  want = reference(p0, STEPS, lr=constant, weight_decay=weight_decay,
-                   no_prox=True, diff_coef=1 - 0.92)
+  want = reference(
+    p0, STEPS, lr=constant, weight_decay=weight_decay, no_prox=True, diff_coef=1 - 0.92
+  )
   assert max_abs_diff(got[-1], want[-1]) < 1e-12
 
 
@@ -236,8 +255,11 @@ def test_optax_adan_differs_from_the_paper(x64):
   weight decay and no eps_root, optax.adan leaves Adan after 20 steps."""
   p0 = start_params()
   ours = run(gx.agr_adan(0.05), p0, 20)
-  via_optax = run(optax.chain(gx.adaptive_gradient_regularization(),
-                              optax.adan(0.05, eps_root=0.0)), p0, 20)
+  via_optax = run(
+    optax.chain(gx.adaptive_gradient_regularization(), optax.adan(0.05, eps_root=0.0)),
+    p0,
+    20,
+  )
   want = reference(p0, 20, lr=constant)
   assert max_abs_diff(ours[-1], want[-1]) < 1e-12
   assert max_abs_diff(via_optax[-1], want[-1]) > 1e-4
@@ -256,15 +278,15 @@ def test_eps_root_goes_inside_the_root(x64):
 def test_signature_is_optax_adan_plus_keyword_only_options():
   ours = list(inspect.signature(gx.agr_adan).parameters.values())
   theirs = list(inspect.signature(optax.adan).parameters.values())
-  assert [p.name for p in ours[:len(theirs)]] == [p.name for p in theirs]
-  assert all(p.kind == p.POSITIONAL_OR_KEYWORD for p in ours[:len(theirs)])
-  for a, b in zip(ours[:len(theirs)], theirs, strict=True):
+  assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs]
+  assert all(p.kind == p.POSITIONAL_OR_KEYWORD for p in ours[: len(theirs)])
+  for a, b in zip(ours[: len(theirs)], theirs, strict=True):
     if a.name != "eps_root":  # 0 as in the official code; optax has 1e-8
       assert a.default == b.default, a.name
   assert inspect.signature(gx.agr_adan).parameters["eps_root"].default == 0.0
-  assert {p.name: (p.kind, p.default) for p in ours[len(theirs):]} == {
-      "proximal": (inspect.Parameter.KEYWORD_ONLY, True),
-      "mu_dtype": (inspect.Parameter.KEYWORD_ONLY, None),
+  assert {p.name: (p.kind, p.default) for p in ours[len(theirs) :]} == {
+    "proximal": (inspect.Parameter.KEYWORD_ONLY, True),
+    "mu_dtype": (inspect.Parameter.KEYWORD_ONLY, None),
   }
 
 
@@ -274,8 +296,12 @@ def test_signature_is_optax_adan_plus_keyword_only_options():
 
 
 def loss_fn(p):
-  return (jnp.sum(jnp.cos(p["w"])) + jnp.sum((p["b"] - 0.5) ** 2)
-          + jnp.sum(p["z"][0] ** 4) / 4 + jnp.sum(jnp.sin(p["z"][1])))
+  return (
+    jnp.sum(jnp.cos(p["w"]))
+    + jnp.sum((p["b"] - 0.5) ** 2)
+    + jnp.sum(p["z"][0] ** 4) / 4
+    + jnp.sum(jnp.sin(p["z"][1]))
+  )
 
 
 def f32_params():
@@ -344,8 +370,7 @@ def test_params_needed_only_for_weight_decay():
   update = jax.jit(tx.update)
   updates, _ = update(grads, tx.init(params))  # no params: fine
   with_params, _ = update(grads, tx.init(params), params)
-  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(with_params),
-                  strict=True):
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(with_params), strict=True):
     np.testing.assert_array_equal(a, b)
   tx = gx.agr_adan(0.05, weight_decay=0.1)
   with pytest.raises(ValueError, match="params"):

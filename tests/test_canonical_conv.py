@@ -30,17 +30,19 @@ def _conv_loss(spatial: int, groups: int):
   size = (5,) * spatial
   x = jax.random.normal(keys[0], (3, *(8,) * spatial, 4))
   params = {
-      "a": jax.random.normal(keys[1], (*size[:spatial], 4, 6)) * 0.3,
-      "b": jax.random.normal(keys[2], (*size[:spatial], 6 // groups, 6)) * 0.3,
+    "a": jax.random.normal(keys[1], (*size[:spatial], 4, 6)) * 0.3,
+    "b": jax.random.normal(keys[2], (*size[:spatial], 6 // groups, 6)) * 0.3,
   }
 
   def loss(p):
+    h = jax.lax.conv_general_dilated(x, p["a"], ones, "SAME", dimension_numbers=specs)
     h = jax.lax.conv_general_dilated(
-        x, p["a"], ones, "SAME", dimension_numbers=specs
-    )
-    h = jax.lax.conv_general_dilated(
-        jnp.tanh(h), p["b"], ones, "SAME", dimension_numbers=specs,
-        feature_group_count=groups,
+      jnp.tanh(h),
+      p["b"],
+      ones,
+      "SAME",
+      dimension_numbers=specs,
+      feature_group_count=groups,
     )
     return jnp.sum(jnp.tanh(h) ** 2)
 
@@ -49,26 +51,32 @@ def _conv_loss(spatial: int, groups: int):
 
 @pytest.mark.parametrize("spatial, groups", [(1, 1), (1, 2), (2, 3)])
 def test_rewrite_keeps_values_of_1d_2d_and_grouped_convolution_gradients(
-    spatial, groups
+  spatial, groups
 ):
   loss, params = _conv_loss(spatial, groups)
   grad = jax.grad(loss)
   want = jax.jit(grad)(params)
   got = jax.jit(canonical_conv.canonicalize_convolutions(grad))(params)
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-      want, got,
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    want,
+    got,
   )
   # The backward pass has non-canonical layouts; after the rewrite each
   # convolution XLA:CPU compiles is canonical, except batch-grouped ones
   # (the kernel gradient of a grouped conv), which are bound as written.
   hlo = (
-      jax.jit(canonical_conv.canonicalize_convolutions(grad))
-      .lower(params).compile().as_text()
+    jax.jit(canonical_conv.canonicalize_convolutions(grad))
+    .lower(params)
+    .compile()
+    .as_text()
   )
   convs = re.findall(r"convolution\(.*", hlo)
-  labels = {re.search(r"dim_labels=([^,\s]+)", c).group(1) for c in convs
-            if "batch_group_count" not in c}
+  labels = {
+    re.search(r"dim_labels=([^,\s]+)", c).group(1)
+    for c in convs
+    if "batch_group_count" not in c
+  }
   assert labels and all(CANONICAL.fullmatch(lab) for lab in labels), labels
 
 
@@ -82,7 +90,7 @@ def test_switch_off_compiles_the_branch_as_written(monkeypatch):
   calls = []
   real = canonical_conv._eval_jaxpr
   monkeypatch.setattr(
-      canonical_conv, "_eval_jaxpr", lambda *a: calls.append(1) or real(*a)
+    canonical_conv, "_eval_jaxpr", lambda *a: calls.append(1) or real(*a)
   )
   jax.jit(canonical_conv.for_xla_cpu(grad)).lower(params)
   assert calls  # on CPU, with the switch on, the rewrite is traced
@@ -94,7 +102,7 @@ def test_switch_off_compiles_the_branch_as_written(monkeypatch):
 
 
 def test_failed_rewrite_falls_back_to_the_plain_branch_with_a_warning(
-    monkeypatch,
+  monkeypatch,
 ):
   loss, params = _conv_loss(2, 1)
   grad = jax.grad(loss)
@@ -106,8 +114,9 @@ def test_failed_rewrite_falls_back_to_the_plain_branch_with_a_warning(
   with pytest.warns(RuntimeWarning, match="convolution rewrite.*plain branch"):
     got = jax.jit(canonical_conv.for_xla_cpu(grad))(params)
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
-      got, jax.jit(grad)(params),
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+    got,
+    jax.jit(grad)(params),
   )
 
 
@@ -115,7 +124,8 @@ def test_other_backends_never_trace_the_rewrite(monkeypatch):
   loss, params = _conv_loss(1, 1)
   monkeypatch.setattr(canonical_conv.jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(
-      canonical_conv, "_eval_jaxpr",
-      lambda *a: pytest.fail("the jaxpr interpreter ran for a GPU backend"),
+    canonical_conv,
+    "_eval_jaxpr",
+    lambda *a: pytest.fail("the jaxpr interpreter ran for a GPU backend"),
   )
   jax.jit(canonical_conv.for_xla_cpu(jax.grad(loss))).lower(params)

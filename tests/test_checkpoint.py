@@ -2,11 +2,13 @@
 orbax-checkpoint, and a run stopped at step N and resumed (in this process
 into fresh objects, or in a new process) continues bit for bit.
 
-The cases are the conformance suite's (every public transform, `every_k=3`
-variants included) plus two under `optax.inject_hyperparams`; each trains in
-front of `sgd` with momentum (or alone, for a whole optimizer). The run stops
-at step 4: with `every_k=3` the next step reuses the correction cached on
-step 3, so the cache and the counters must come back exactly.
+The cases: one of the conformance suite's cases per kind of optimizer state
+(`checkpoint_resume.KINDS`: a second-gradient state with and without the
+every_k cache, flooding's, optax's adamw moments, the library's Adan state,
+and a state under `optax.inject_hyperparams`); each trains in front of `sgd`
+with momentum (or alone, for a whole optimizer). The run stops at step 4:
+with `every_k=3` the next step reuses the correction cached on step 3, so the
+cache and the counters must come back exactly.
 """
 
 from __future__ import annotations
@@ -20,22 +22,10 @@ import checkpoint_resume as cr
 import jax
 import numpy as np
 import pytest
-from test_conformance import make_params
 
 import gnorm_optax as gx
 
 STOP, END = 4, 8
-
-# Resumed in a new process: one of each kind of state (SAM's every_k cache,
-# the two-sided finite difference, an optax optimizer's moments, flooding's
-# count, injected hyperparameters).
-NEW_PROCESS_CASES = (
-    "sam-every_k=3",
-    "finite_difference_gr-central",
-    "agr_adamw",
-    "flooding",
-    "inject:finite_difference_gr-central-every_k=3",
-)
 
 
 def assert_bitwise_equal(got: dict, want: dict):
@@ -53,8 +43,8 @@ def second_gradient_states(state):
   return [x for x in jax.tree.leaves(state, is_leaf=is_sg) if is_sg(x)]
 
 
-@pytest.mark.parametrize("case_id", cr.case_ids())
-def test_abstract_init_matches_init(case_id):
+@pytest.mark.parametrize("case_id", cr.KINDS)
+def test_abstract_init_matches_init(case_id, make_params):
   """`jax.eval_shape(tx.init, params)`, the restore target, has the structure,
   shapes and dtypes of `tx.init(params)` (also under inject_hyperparams,
   where every_k is traced in the abstract evaluation)."""
@@ -69,8 +59,8 @@ def test_abstract_init_matches_init(case_id):
   assert spec(abstract) == spec(tx.init(params))
 
 
-@pytest.mark.parametrize("case_id", cr.case_ids())
-def test_restored_state_continues_bitwise(case_id, tmp_path):
+@pytest.mark.parametrize("case_id", cr.KINDS)
+def test_restored_state_continues_bitwise(case_id, tmp_path, make_params):
   params0 = make_params()
   tx, _ = cr.train_step(case_id)
   want_params, want_state = cr.train(case_id, params0, tx.init(params0), 0, END)
@@ -95,22 +85,22 @@ def test_restored_state_continues_bitwise(case_id, tmp_path):
       assert sg.correction is None
 
   got_params, got_state = cr.train(case_id, params, state, STOP, END)
-  assert_bitwise_equal(cr.flat(got_params, got_state),
-                       cr.flat(want_params, want_state))
+  assert_bitwise_equal(cr.flat(got_params, got_state), cr.flat(want_params, want_state))
   # The state matters: resuming from a fresh tx.init state does not continue
   # the run (so the equality above is not trivially true).
   other, _ = cr.train(case_id, params, tx.init(params0), STOP, END)
   assert any(
-      not np.array_equal(a, b)
-      for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(want_params),
-                      strict=True)
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(want_params), strict=True)
   )
 
 
-def test_resume_in_a_new_process_is_bitwise(tmp_path):
+def test_resume_in_a_new_process_is_bitwise(tmp_path, make_params):
+  """Every kind of state, saved here, restored and trained on in a new
+  process (fresh objects, nothing cached), equals the unbroken run here."""
   params0 = make_params()
   want = {}
-  for case_id in NEW_PROCESS_CASES:
+  for case_id in cr.KINDS:
     tx, _ = cr.train_step(case_id)
     params, state = cr.train(case_id, params0, tx.init(params0), 0, STOP)
     cr.save(tmp_path / "ckpt" / case_id, STOP, params, state)
@@ -120,12 +110,28 @@ def test_resume_in_a_new_process_is_bitwise(tmp_path):
   out = tmp_path / "resumed.npz"
   script = pathlib.Path(cr.__file__)
   proc = subprocess.run(
-      [sys.executable, str(script), str(tmp_path / "ckpt"), str(out), str(END),
-       *NEW_PROCESS_CASES],
-      capture_output=True, text=True, timeout=300, cwd=script.parent,
-      env={**os.environ, "PYTHONPATH": os.pathsep.join(
-          [str(script.parent), str(script.parent.parent),
-           os.environ.get("PYTHONPATH", "")])},
+    [
+      sys.executable,
+      str(script),
+      str(tmp_path / "ckpt"),
+      str(out),
+      str(END),
+      *cr.KINDS,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=script.parent,
+    env={
+      **os.environ,
+      "PYTHONPATH": os.pathsep.join(
+        [
+          str(script.parent),
+          str(script.parent.parent),
+          os.environ.get("PYTHONPATH", ""),
+        ]
+      ),
+    },
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with np.load(out) as resumed:
@@ -134,18 +140,23 @@ def test_resume_in_a_new_process_is_bitwise(tmp_path):
 
 
 @pytest.mark.parametrize("weak_types", [True, False])
-def test_restored_injected_state_does_not_retrace(tmp_path, weak_types):
+def test_restored_injected_state_does_not_retrace(tmp_path, weak_types, make_params):
   """The README's recipe gives injected hyperparameters back their weak type,
   so the step compiled for the running state serves the restored one
   (without that line it traces again). The state is committed to the device
   from the start, as orbax's restored arrays are: jit keys its cache on that
   too."""
-  case_id = "inject:sam"
+  case_id = "inject:finite_difference_gr-central-every_k=3"  # in cr.KINDS
   tx, step = cr.train_step(case_id)
   params0 = make_params()
   device = jax.devices()[0]
-  params, state = cr.train(case_id, jax.device_put(params0, device),
-                           jax.device_put(tx.init(params0), device), 0, STOP)
+  params, state = cr.train(
+    case_id,
+    jax.device_put(params0, device),
+    jax.device_put(tx.init(params0), device),
+    0,
+    STOP,
+  )
   cr.save(tmp_path, STOP, params, state)
   before = step._cache_size()
   _, params, state = cr.restore(tmp_path, tx, params0, weak_types=weak_types)

@@ -88,7 +88,7 @@ def test_corrupt_labels_is_symmetric_over_the_other_classes():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(test_fraction=0.0), dict(test_fraction=1.0), dict(label_noise=1.5)]
+  "kwargs", [dict(test_fraction=0.0), dict(test_fraction=1.0), dict(label_noise=1.5)]
 )
 def test_load_digits_rejects_bad_fractions(kwargs):
   with pytest.raises(ValueError, match="must be in"):
@@ -264,18 +264,18 @@ def test_defaults_are_sam_on_noisy_digits():
 
 
 @pytest.mark.parametrize(
-    "flag, value, rule",
-    [
-        ("--batch-size", "0", "a positive integer"),
-        ("--batch-size", "1.5", "a positive integer"),
-        ("--epochs", "0", "a positive integer"),
-        ("--seed", "-1", "an integer in [0, 2**63)"),
-        ("--lr", "nan", "a finite number > 0"),
-        ("--lr", "-0.1", "a finite number > 0"),
-        ("--rho", "-0.1", "a finite number >= 0"),
-        ("--alpha", "inf", "a finite number"),
-        ("--label-noise", "1", "a number in [0, 1)"),
-    ],
+  "flag, value, rule",
+  [
+    ("--batch-size", "0", "a positive integer"),
+    ("--batch-size", "1.5", "a positive integer"),
+    ("--epochs", "0", "a positive integer"),
+    ("--seed", "-1", "an integer in [0, 2**63)"),
+    ("--lr", "nan", "a finite number > 0"),
+    ("--lr", "-0.1", "a finite number > 0"),
+    ("--rho", "-0.1", "a finite number >= 0"),
+    ("--alpha", "inf", "a finite number"),
+    ("--label-noise", "1", "a number in [0, 1)"),
+  ],
 )
 def test_bad_flags_are_refused_naming_the_flag(flag, value, rule, capsys):
   with pytest.raises(SystemExit) as exit_info:
@@ -288,12 +288,12 @@ def test_bad_flags_are_refused_naming_the_flag(flag, value, rule, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--method", "adam"], "argument --method: invalid choice: 'adam'"),
-        (["--model", "mlp2"], "argument --model: invalid choice: 'mlp2'"),
-        (["--batch-size", "1349"], "argument --batch-size: must be at most 1348"),
-    ],
+  "argv, message",
+  [
+    (["--method", "adam"], "argument --method: invalid choice: 'adam'"),
+    (["--model", "mlp2"], "argument --model: invalid choice: 'mlp2'"),
+    (["--batch-size", "1349"], "argument --batch-size: must be at most 1348"),
+  ],
 )
 def test_bad_choices_are_refused_listing_the_valid_ones(argv, message, capsys):
   with pytest.raises(SystemExit):
@@ -308,12 +308,12 @@ def test_bad_choices_are_refused_listing_the_valid_ones(argv, message, capsys):
 def test_flags_are_parsed_before_the_heavy_imports():
   """`--help` and bad flags answer without importing flax or scikit-learn."""
   code = (
-      "import runpy, sys\n"
-      "sys.argv = ['train', '--lr', 'nan']\n"
-      "try:\n"
-      "  runpy.run_module('gnorm_optax.examples.train', run_name='__main__')\n"
-      "except SystemExit as e:\n"
-      "  print(e.code, 'flax' in sys.modules, 'sklearn' in sys.modules)\n"
+    "import runpy, sys\n"
+    "sys.argv = ['train', '--lr', 'nan']\n"
+    "try:\n"
+    "  runpy.run_module('gnorm_optax.examples.train', run_name='__main__')\n"
+    "except SystemExit as e:\n"
+    "  print(e.code, 'flax' in sys.modules, 'sklearn' in sys.modules)\n"
   )
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
                         text=True, timeout=120)  # fmt: skip

@@ -24,12 +24,14 @@ def _split(n, shape, rng, image_column="image"):
   labels = rng.integers(0, data.NUM_CLASSES, size=n)
   grey = shape[-1] == 1
   images = [PIL_Image.fromarray(p[..., 0] if grey else p) for p in pixels]
-  features = datasets.Features({
+  features = datasets.Features(
+    {
       image_column: datasets.Image(),
       "label": datasets.ClassLabel(num_classes=data.NUM_CLASSES),
-  })
+    }
+  )
   ds = datasets.Dataset.from_dict(
-      {image_column: images, "label": labels.tolist()}, features=features
+    {image_column: images, "label": labels.tolist()}, features=features
   )
   return ds, pixels, labels
 

@@ -9,6 +9,7 @@ install cell pointing at this repository.
 
 from __future__ import annotations
 
+import ast
 import pathlib
 import re
 
@@ -21,11 +22,11 @@ tomllib = pytest.importorskip("tomllib")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = (
-    "01_quickstart",
-    "02_gnp_vs_sam",
-    "03_finite_difference_gr",
-    "04_agr",
-    "05_multi_device",
+  "01_quickstart",
+  "02_gnp_vs_sam",
+  "03_finite_difference_gr",
+  "04_agr",
+  "05_multi_device",
 )
 # Per notebook, small mode; a run takes well under a minute on 2 CPU cores.
 TIMEOUT_S = 600
@@ -40,28 +41,28 @@ def _code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
   return [c for c in nb.cells if c.cell_type == "code"]
 
 
-def _outputs(nb: nbformat.NotebookNode, output_type: str) -> list[nbformat.NotebookNode]:
+def _outputs(
+  nb: nbformat.NotebookNode, output_type: str
+) -> list[nbformat.NotebookNode]:
   return [o for c in _code_cells(nb) for o in c.outputs if o.output_type == output_type]
 
 
 def _text(cell: nbformat.NotebookNode) -> str:
   return "".join(
-      o.get("text", "") or "".join(o.get("data", {}).get("text/plain", ""))
-      for o in cell.outputs
+    o.get("text", "") or "".join(o.get("data", {}).get("text/plain", ""))
+    for o in cell.outputs
   )
 
 
 def _images(nb: nbformat.NotebookNode) -> int:
   return sum(
-      "image/png" in o.get("data", {})
-      for c in _code_cells(nb)
-      for o in c.outputs
+    "image/png" in o.get("data", {}) for c in _code_cells(nb) for o in c.outputs
   )
 
 
 def _parameters_cell(nb: nbformat.NotebookNode) -> int:
   tagged = [
-      i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])
+    i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])
   ]
   assert len(tagged) == 1, "exactly one cell must be tagged 'parameters'"
   return tagged[0]
@@ -84,8 +85,8 @@ def test_opens_in_colab_and_installs_from_the_repository(notebook):
   repo = _repository()
   owner_name = repo.removeprefix("https://github.com/")
   badge = (
-      f"https://colab.research.google.com/github/{owner_name}/blob/main/"
-      f"notebooks/{path.name}"
+    f"https://colab.research.google.com/github/{owner_name}/blob/main/"
+    f"notebooks/{path.name}"
   )
   assert nb.cells[0].cell_type == "markdown"
   assert badge in nb.cells[0].source, "the first cell must carry the Colab badge"
@@ -98,11 +99,42 @@ def test_opens_in_colab_and_installs_from_the_repository(notebook):
   assert nb.metadata.kernelspec.name == "python3"
 
 
+def _imported_modules(nb: nbformat.NotebookNode) -> set[str]:
+  """Every module a code cell imports; ``from a import b`` counts as a and a.b."""
+  modules = set()
+  for cell in _code_cells(nb):
+    for node in ast.walk(ast.parse(cell.source)):
+      if isinstance(node, ast.Import):
+        modules.update(alias.name for alias in node.names)
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        modules.add(node.module)
+        modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+  return modules
+
+
+def test_uses_only_the_public_api_and_the_documented_examples(notebook):
+  """No notebook imports the training scripts, so that a reader can copy it.
+
+  The notebooks use ``gnorm_optax``, ``gnorm_optax.flax`` and the example data
+  and models (``gnorm_optax.examples.data`` and ``.models``); the scripts
+  ``gnorm_optax.examples.train`` and ``.data_parallel`` are free to change.
+  """
+  _, nb = notebook
+  scripts = ("gnorm_optax.examples.train", "gnorm_optax.examples.data_parallel")
+  forbidden = sorted(
+    m
+    for m in _imported_modules(nb)
+    if any(m == s or m.startswith(s + ".") for s in scripts)
+  )
+  assert not forbidden, f"imports the training scripts: {forbidden}"
+
+
 def test_size_switch(notebook):
   _, nb = notebook
   source = nb.cells[_parameters_cell(nb)].source
-  assert re.search(r'^SIZE = os\.environ\.get\("GNORM_NOTEBOOK_SIZE", "full"\)$',
-                   source, re.M)
+  assert re.search(
+    r'^SIZE = os\.environ\.get\("GNORM_NOTEBOOK_SIZE", "full"\)$', source, re.M
+  )
 
 
 def test_committed_with_the_outputs_of_a_full_run(notebook):
@@ -121,11 +153,11 @@ def test_runs_top_to_bottom_in_small_mode(path, tmp_path, monkeypatch):
   monkeypatch.setenv("GNORM_NOTEBOOK_SIZE", "small")
   nb = nbformat.read(path, as_version=4)
   client = NotebookClient(
-      nb,
-      timeout=TIMEOUT_S,
-      kernel_name="python3",
-      # The kernel's working directory: whatever a notebook writes stays there.
-      resources={"metadata": {"path": str(tmp_path)}},
+    nb,
+    timeout=TIMEOUT_S,
+    kernel_name="python3",
+    # The kernel's working directory: whatever a notebook writes stays there.
+    resources={"metadata": {"path": str(tmp_path)}},
   )
   client.execute()  # raises CellExecutionError, with the traceback, on failure
   cells = _code_cells(nb)

@@ -35,20 +35,18 @@ def test_extras_bring_what_they_name_and_examples_skip_the_hub_stack():
 
 
 @pytest.mark.parametrize(
-    "module, missing, extra",
-    [("gnorm_optax.flax", "flax", "flax")],
+  "module, missing, extra",
+  [("gnorm_optax.flax", "flax", "flax")],
 )
-def test_optional_module_without_its_dependency_names_the_extra(
-    module, missing, extra
-):
+def test_optional_module_without_its_dependency_names_the_extra(module, missing, extra):
   # `sys.modules[name] = None` makes `import name` fail as if not installed.
   code = (
-      f"import sys; sys.modules[{missing!r}] = None\n"
-      f"try:\n  import {module}\n"
-      "except ModuleNotFoundError as e:\n  print(e)\n"
+    f"import sys; sys.modules[{missing!r}] = None\n"
+    f"try:\n  import {module}\n"
+    "except ModuleNotFoundError as e:\n  print(e)\n"
   )
   out = subprocess.run(
-      [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    [sys.executable, "-c", code], capture_output=True, text=True, check=True
   ).stdout
   assert f"pip install 'gnorm_optax[{extra}]'" in out, out
   assert module in out and repr(missing) in out, out

@@ -1,4 +1,9 @@
-"""Each formula against an independent reference."""
+"""Each formula against an independent reference.
+
+(The limits `alpha=0`, `rho=0`, `gamma=0` and AGR's scale equivariance are
+property tests in test_properties.py; zero gradients are the conformance
+suite's.)
+"""
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +18,10 @@ def mlp_problem(seed=0, dtype=jnp.float32):
   """A small tanh MLP regression loss with data baked in; returns (loss, params)."""
   k = jax.random.split(jax.random.key(seed), 6)
   params = {
-      "w1": jax.random.normal(k[0], (4, 8), dtype) * 0.7,
-      "b1": jax.random.normal(k[1], (8,), dtype) * 0.1,
-      "w2": jax.random.normal(k[2], (8, 3), dtype) * 0.7,
-      "b2": jnp.zeros((3,), dtype),
+    "w1": jax.random.normal(k[0], (4, 8), dtype) * 0.7,
+    "b1": jax.random.normal(k[1], (8,), dtype) * 0.1,
+    "w2": jax.random.normal(k[2], (8, 3), dtype) * 0.7,
+    "b2": jnp.zeros((3,), dtype),
   }
   x = jax.random.normal(k[3], (32, 4), dtype)
   y = jax.random.normal(k[4], (32, 3), dtype)
@@ -52,20 +57,20 @@ def test_sam_follows_optax_contrib_sam_step_for_step():
   rho, lr = 0.05, 0.1
   ours = optax.chain(gx.sam(rho), optax.sgd(lr))
   ref = optax.contrib.sam(
-      optax.sgd(lr),
-      optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
-      sync_period=2,
-      opaque_mode=True,
+    optax.sgd(lr),
+    optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+    sync_period=2,
+    opaque_mode=True,
   )
   p_ours, p_ref = params, params
   s_ours, s_ref = ours.init(params), ref.init(params)
   for _ in range(10):
     u, s_ours = ours.update(
-        jax.grad(loss)(p_ours), s_ours, p_ours, grad_fn=jax.grad(loss)
+      jax.grad(loss)(p_ours), s_ours, p_ours, grad_fn=jax.grad(loss)
     )
     p_ours = optax.apply_updates(p_ours, u)
     u, s_ref = ref.update(
-        jax.grad(loss)(p_ref), s_ref, p_ref, grad_fn=lambda p, _: jax.grad(loss)(p)
+      jax.grad(loss)(p_ref), s_ref, p_ref, grad_fn=lambda p, _: jax.grad(loss)(p)
     )
     p_ref = optax.apply_updates(p_ref, u)
     assert_tree_close(p_ours, p_ref, rtol=1e-5, atol=1e-6)
@@ -77,8 +82,17 @@ def test_sam_follows_optax_contrib_sam_step_for_step():
 # ----------------------------------------------------------------------------
 
 
-def gnp_reference(loss, params, rho, alpha, *, adaptive=False, eta=0.01,
-                  normalize_clean=False, adaptive_leaves=None):
+def gnp_reference(
+  loss,
+  params,
+  rho,
+  alpha,
+  *,
+  adaptive=False,
+  eta=0.01,
+  normalize_clean=False,
+  adaptive_leaves=None,
+):
   """The paper's formula written with flat numpy vectors (in float64).
 
   `adaptive_leaves`: names of the leaves ASAM's `T` applies to (the others
@@ -87,19 +101,26 @@ def gnp_reference(loss, params, rho, alpha, *, adaptive=False, eta=0.01,
   leaves, treedef = jax.tree.flatten(params)
   sizes = [x.size for x in leaves]
   unflat = lambda v: jax.tree.unflatten(
-      treedef,
-      [jnp.asarray(c.reshape(x.shape), x.dtype)
-       for c, x in zip(np.split(v, np.cumsum(sizes)[:-1]), leaves)],
+    treedef,
+    [
+      jnp.asarray(c.reshape(x.shape), x.dtype)
+      for c, x in zip(np.split(v, np.cumsum(sizes)[:-1]), leaves, strict=True)
+    ],
   )
   theta = np.asarray(flat(params), np.float64)
   g = np.asarray(flat(jax.grad(loss)(params)), np.float64)
   if adaptive:
     t = np.abs(theta) + eta
     if adaptive_leaves is not None:
-      names = [jax.tree_util.keystr(k) for k, _ in
-               jax.tree_util.tree_leaves_with_path(params)]
-      keep = np.concatenate([np.full(x.size, n in adaptive_leaves)
-                             for n, x in zip(names, leaves)])
+      names = [
+        jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)
+      ]
+      keep = np.concatenate(
+        [
+          np.full(x.size, n in adaptive_leaves)
+          for n, x in zip(names, leaves, strict=True)
+        ]
+      )
       t = np.where(keep, t, 1.0)
     step = rho * t * t * g / np.linalg.norm(t * g)
   else:
@@ -115,14 +136,14 @@ def test_penalized_grad_matches_formula(rho, alpha):
   loss, params = mlp_problem(seed=1)
   _, out, _ = run_update(gx.penalized_grad(rho, alpha), loss, params)
   np.testing.assert_allclose(
-      flat(out), gnp_reference(loss, params, rho, alpha), rtol=1e-5, atol=1e-6
+    flat(out), gnp_reference(loss, params, rho, alpha), rtol=1e-5, atol=1e-6
   )
 
 
 def test_adaptive_penalized_grad_matches_asam_formula():
   loss, params = mlp_problem(seed=2)
   _, out, _ = run_update(
-      gx.penalized_grad(0.5, 0.7, adaptive=True, eta=0.02), loss, params
+    gx.penalized_grad(0.5, 0.7, adaptive=True, eta=0.02), loss, params
   )
   expected = gnp_reference(loss, params, 0.5, 0.7, adaptive=True, eta=0.02)
   np.testing.assert_allclose(flat(out), expected, rtol=1e-5, atol=1e-6)
@@ -131,7 +152,7 @@ def test_adaptive_penalized_grad_matches_asam_formula():
 def test_normalize_clean_mixes_normalized_gradient():
   loss, params = mlp_problem(seed=3)
   _, out, _ = run_update(
-      gx.penalized_grad(0.1, 0.6, normalize_clean=True), loss, params
+    gx.penalized_grad(0.1, 0.6, normalize_clean=True), loss, params
   )
   expected = gnp_reference(loss, params, 0.1, 0.6, normalize_clean=True)
   np.testing.assert_allclose(flat(out), expected, rtol=1e-5, atol=1e-6)
@@ -142,24 +163,6 @@ def test_sam_is_alpha_one():
   _, a, _ = run_update(gx.sam(0.07), loss, params)
   _, b, _ = run_update(gx.penalized_grad(0.07, 1.0), loss, params)
   assert_tree_close(a, b, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("rho,alpha", [(0.05, 0.0), (0.0, 0.8), (0.0, 1.0)])
-def test_limits_return_gradient_exactly(rho, alpha):
-  loss, params = mlp_problem(seed=5)
-  g, out, _ = run_update(gx.penalized_grad(rho, alpha), loss, params)
-  jax.tree.map(np.testing.assert_array_equal, out, g)
-
-
-def test_zero_gradient_gives_zero_update():
-  params = {"w": jnp.ones((3,)), "b": jnp.zeros(())}
-  loss = lambda p: 0.0 * jnp.sum(p["w"]) + 0.0 * p["b"]
-  for tx in (gx.sam(0.1), gx.penalized_grad(0.1, 0.5, normalize_clean=True),
-             gx.penalized_grad(0.1, 0.5, adaptive=True)):
-    _, out, state = run_update(tx, loss, params)
-    for x in jax.tree.leaves(out):
-      np.testing.assert_array_equal(x, 0.0)
-    assert int(state.nonfinite_count) == 0
 
 
 # ----------------------------------------------------------------------------
@@ -174,8 +177,11 @@ def exact_gr_reference(loss, params, gamma):
 
   def flat_loss(v):
     parts = jnp.split(v, np.cumsum(sizes)[:-1])
-    return loss(jax.tree.unflatten(
-        treedef, [c.reshape(x.shape) for c, x in zip(parts, leaves)]))
+    return loss(
+      jax.tree.unflatten(
+        treedef, [c.reshape(x.shape) for c, x in zip(parts, leaves, strict=True)]
+      )
+    )
 
   theta = flat(params)
   g = jax.grad(flat_loss)(theta)
@@ -187,19 +193,19 @@ def test_gradient_regularization_equals_g_plus_gamma_hg():
   loss, params = mlp_problem(seed=6)
   _, out, _ = run_update(gx.gradient_regularization(0.3), loss, params)
   np.testing.assert_allclose(
-      flat(out), exact_gr_reference(loss, params, 0.3), rtol=1e-5, atol=1e-6
+    flat(out), exact_gr_reference(loss, params, 0.3), rtol=1e-5, atol=1e-6
   )
 
 
 def fd_error(scheme, epsilon, loss, params, exact):
   _, out, _ = run_update(
-      gx.finite_difference_gr(1.0, epsilon, scheme=scheme), loss, params
+    gx.finite_difference_gr(1.0, epsilon, scheme=scheme), loss, params
   )
   return float(jnp.linalg.norm(flat(out) - exact))
 
 
 @pytest.mark.parametrize(
-    "scheme,order", [("forward", 1), ("backward", 1), ("central", 2)]
+  "scheme,order", [("forward", 1), ("backward", 1), ("central", 2)]
 )
 def test_finite_difference_error_shrinks_with_epsilon(scheme, order):
   with jax.enable_x64(True):
@@ -215,12 +221,14 @@ def test_finite_difference_error_shrinks_with_epsilon(scheme, order):
 def test_forward_and_backward_bracket_exact_on_cubic():
   # For a cubic loss the forward and backward errors are equal and opposite,
   # so their mean is the central difference.
-  loss = lambda p: jnp.sum(p ** 3) / 3 + jnp.sum(p ** 2)
+  loss = lambda p: jnp.sum(p**3) / 3 + jnp.sum(p**2)
   params = jnp.array([0.5, -1.0, 2.0])
-  outs = {s: run_update(gx.finite_difference_gr(0.2, 0.05, scheme=s),
-                        loss, params)[1] for s in ("forward", "backward", "central")}
+  outs = {
+    s: run_update(gx.finite_difference_gr(0.2, 0.05, scheme=s), loss, params)[1]
+    for s in ("forward", "backward", "central")
+  }
   np.testing.assert_allclose(
-      (outs["forward"] + outs["backward"]) / 2, outs["central"], rtol=1e-5
+    (outs["forward"] + outs["backward"]) / 2, outs["central"], rtol=1e-5
   )
   assert not np.allclose(outs["forward"], outs["backward"])
 
@@ -232,7 +240,7 @@ def test_finite_difference_is_exact_on_a_quadratic():
   g = a @ params
   for scheme in ("forward", "backward", "central"):
     _, out, _ = run_update(
-        gx.finite_difference_gr(0.1, 0.01, scheme=scheme), loss, params
+      gx.finite_difference_gr(0.1, 0.01, scheme=scheme), loss, params
     )
     np.testing.assert_allclose(out, g + 0.1 * a @ g, rtol=1e-4)
 
@@ -244,40 +252,35 @@ def test_finite_difference_is_exact_on_a_quadratic():
 
 def test_agr_matches_per_tensor_formula():
   rng = np.random.default_rng(0)
-  g = {"a": rng.normal(size=(5, 4)).astype(np.float32),
-       "b": rng.normal(size=(7,)).astype(np.float32),
-       "z": np.zeros((3,), np.float32)}
+  g = {
+    "a": rng.normal(size=(5, 4)).astype(np.float32),
+    "b": rng.normal(size=(7,)).astype(np.float32),
+    "z": np.zeros((3,), np.float32),
+  }
   tx = gx.adaptive_gradient_regularization()
   out, _ = tx.update(jax.tree.map(jnp.asarray, g), tx.init(g))
   for name in ("a", "b"):
     x = g[name].astype(np.float64)
     np.testing.assert_allclose(
-        out[name], x - x * np.abs(x) / np.abs(x).sum(), rtol=1e-6
+      out[name], x - x * np.abs(x) / np.abs(x).sum(), rtol=1e-6
     )
   np.testing.assert_array_equal(out["z"], 0.0)
-
-
-@pytest.mark.parametrize("c", [3.0, -0.25, 1e-3])
-def test_agr_is_scale_equivariant(c):
-  g = {"a": jax.random.normal(jax.random.key(1), (6, 3))}
-  tx = gx.adaptive_gradient_regularization()
-  scaled, _ = tx.update(jax.tree.map(lambda x: c * x, g), tx.init(g))
-  base, _ = tx.update(g, tx.init(g))
-  np.testing.assert_allclose(scaled["a"], c * base["a"], rtol=1e-5)
 
 
 def test_agr_adamw_is_chain_of_agr_and_adamw():
   loss, params = mlp_problem(seed=8)
   a = gx.agr_adamw(1e-2, weight_decay=1e-3)
-  b = optax.chain(gx.adaptive_gradient_regularization(),
-                  optax.adamw(1e-2, weight_decay=1e-3))
+  b = optax.chain(
+    gx.adaptive_gradient_regularization(), optax.adamw(1e-2, weight_decay=1e-3)
+  )
   plain = optax.adamw(1e-2, weight_decay=1e-3)
   sa, sb, sp = a.init(params), b.init(params), plain.init(params)
   g = jax.grad(loss)(params)
   ua, _ = a.update(g, sa, params)
   ub, _ = b.update(g, sb, params)
-  up, _ = plain.update(jax.tree.map(lambda x: x - x * jnp.abs(x) / jnp.abs(x).sum(), g),
-                       sp, params)
+  up, _ = plain.update(
+    jax.tree.map(lambda x: x - x * jnp.abs(x) / jnp.abs(x).sum(), g), sp, params
+  )
   assert_tree_close(ua, ub, rtol=0, atol=0)
   assert_tree_close(ua, up, rtol=1e-6, atol=1e-8)
 
@@ -297,6 +300,8 @@ def test_agr_adamw_has_optax_adamw_signature_and_defaults():
   import inspect
 
   def params(fn):
-    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    return [
+      (p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()
+    ]
 
   assert params(gx.agr_adamw) == params(optax.adamw)

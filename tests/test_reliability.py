@@ -9,47 +9,44 @@ float64 property tests.
   Degenerate steps (a perturbation lost to bfloat16 rounding or to a tiny
   epsilon, or an overflowing norm) are counted, and `perturb_dtype` keeps the
   perturbation. `optax.lookahead`'s pattern.
-- Bad input: params of another tree than the state was built for; string and
-  NaN hyperparameters; use inside `optax.masked` / `optax.partition`.
+- Bad input: params of another tree than the state was built for; use inside
+  `optax.masked` / `optax.partition`. (String and NaN hyperparameters are in
+  test_errors.py.)
+- `value_fn` instead of `grad_fn`: the same update, bit for bit, with the
+  extra arguments value_fn names.
 - Composition: `optax.MultiSteps` (both placements, against a hand
   computation), `optax.clip_by_global_norm` before and after, a backtracking
   line search sharing `value_fn`.
-- Properties over random trees mixing float64, float32 and bfloat16 leaves
-  (under `jax.enable_x64`), zero-size arrays and scalars included.
-(Checkpoints are in test_checkpoint.py.)
+(Checkpoints are in test_checkpoint.py; float64 leaves in the property tests
+of test_properties.py.)
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_conformance import (CASES, loss_fn, make_params, params_sequence,
-                              update_kwargs)
 
 import gnorm_optax as gx
 
-SECOND_GRADIENT_CASES = [c for c in CASES if c.needs == "grad_fn"]
+second_gradient_cases = pytest.mark.cases(lambda c: c.needs == "grad_fn")
 
 
 def leaves_bitwise_equal(a, b) -> bool:
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   return jax.tree.structure(a) == jax.tree.structure(b) and all(
-      np.asarray(x).dtype == np.asarray(y).dtype
-      and np.asarray(x).tobytes() == np.asarray(y).tobytes()
-      for x, y in zip(la, lb, strict=True)
+    np.asarray(x).dtype == np.asarray(y).dtype
+    and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    for x, y in zip(la, lb, strict=True)
   )
 
 
 def all_finite(tree) -> bool:
-  return all(np.all(np.isfinite(np.asarray(x, np.float32)))
-             for x in jax.tree.leaves(tree))
+  return all(
+    np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree.leaves(tree)
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -57,11 +54,9 @@ def all_finite(tree) -> bool:
 # ----------------------------------------------------------------------------
 
 
-@functools.cache
-def fault_step(case_id):
+def fault_step(case, loss_fn):
   """Jitted `(params, grads, state, factor) -> (updates, state)`; `grad_fn`
   multiplies the gradient of leaf "b" by `factor` (1, NaN or inf)."""
-  case = next(c for c in CASES if c.id == case_id)
   tx = case.make(**case.hparams)
 
   def step(params, grads, state, factor):
@@ -74,8 +69,7 @@ def fault_step(case_id):
   return tx, jax.jit(step)
 
 
-def run_faults(case_id, factors, grads_seq, params_seq):
-  tx, step = fault_step(case_id)
+def run_faults(tx, step, factors, grads_seq, params_seq):
   state = tx.init(params_seq[0])
   outs, states = [], []
   for params, grads, f in zip(params_seq, grads_seq, factors, strict=True):
@@ -85,8 +79,8 @@ def run_faults(case_id, factors, grads_seq, params_seq):
   return outs, states
 
 
-@pytest.mark.parametrize("case", SECOND_GRADIENT_CASES, ids=str)
-def test_faults_in_jit(case):
+@second_gradient_cases
+def test_faults_in_jit(case, loss_fn, params_sequence):
   """One jitted step per case, three runs over the same 7 steps:
 
   - reference: no fault;
@@ -102,12 +96,13 @@ def test_faults_in_jit(case):
   n = 7
   seq = params_sequence(n)
   grads = [jax.grad(loss_fn)(p) for p in seq]
+  tx, step = fault_step(case, loss_fn)
   refreshed = {t for t in (1, 3) if t % k == 0}
   # With every_k=3 the zero cache of the faulty refresh on step 3 is reused
   # on steps 4 and 5 (its value there is the transform's zero-correction one).
   unaffected = set(range(n)) - {1, 3} - ({4, 5} if k == 3 else set())
 
-  ref, _ = run_faults(case.id, [1.0] * n, grads, seq)
+  ref, _ = run_faults(tx, step, [1.0] * n, grads, seq)
   for t in range(n):
     assert all_finite(ref[t])
   for t in refreshed:  # the transform changes g, so the fallback is visible
@@ -115,7 +110,7 @@ def test_faults_in_jit(case):
 
   # Perturbed point not finite.
   factors = [1.0, np.nan, 1.0, np.inf, 1.0, 1.0, 1.0]
-  outs, states = run_faults(case.id, factors, grads, seq)
+  outs, states = run_faults(tx, step, factors, grads, seq)
   for t in range(n):
     assert all_finite(outs[t]), t
     assert all_finite(states[t]), t
@@ -125,14 +120,15 @@ def test_faults_in_jit(case):
       assert leaves_bitwise_equal(outs[t], ref[t]), t
   assert int(states[-1].nonfinite_count) == len(refreshed)
   if k == 3:
-    assert all(np.all(np.asarray(c) == 0)
-               for c in jax.tree.leaves(states[3].correction))
+    assert all(
+      np.all(np.asarray(c) == 0) for c in jax.tree.leaves(states[3].correction)
+    )
 
   # Clean gradient not finite.
   bad = list(grads)
   for t in (1, 3):
     bad[t] = {**grads[t], "w": grads[t]["w"].at[0, 0].set(jnp.nan)}
-  outs, states = run_faults(case.id, [1.0] * n, bad, seq)
+  outs, states = run_faults(tx, step, [1.0] * n, bad, seq)
   for t in range(n):
     assert all_finite(states[t]), t  # the state is not poisoned
     if t in (1, 3):
@@ -158,7 +154,7 @@ def _order_one_problem(dtype):
 
   def loss(p):  # float32 math whatever the params' dtype
     w = p["w"].astype(jnp.float32)
-    return jnp.sum(jnp.sin(x * w)) + 0.5 * jnp.sum(w ** 2)
+    return jnp.sum(jnp.sin(x * w)) + 0.5 * jnp.sum(w**2)
 
   def grad_fn(p):  # the gradient in the dtype of its argument
     return jax.tree.map(lambda g, q: g.astype(q.dtype), jax.grad(loss)(p), p)
@@ -171,7 +167,8 @@ def test_bfloat16_perturbation_loss_is_counted_and_perturb_dtype_keeps_it():
   g = grad_fn(params)
   tx = gx.sam(0.05)
   out, state = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(
-      g, tx.init(params), params)
+    g, tx.init(params), params
+  )
   # Rounding theta + 0.05 g/|g| to bfloat16 misses the point by more than
   # half the step.
   assert float(state.perturbation_error) > 0.5
@@ -180,17 +177,23 @@ def test_bfloat16_perturbation_loss_is_counted_and_perturb_dtype_keeps_it():
 
   tx32 = gx.sam(0.05, perturb_dtype=jnp.float32)
   out32, state32 = jax.jit(lambda g, s, p: tx32.update(g, s, p, grad_fn=grad_fn))(
-      g, tx32.init(params), params)
+    g, tx32.init(params), params
+  )
   assert out32["w"].dtype == jnp.bfloat16  # the update keeps the gradient dtype
   assert float(state32.perturbation_error) < 1e-3  # float32 rounding only
   assert int(state32.degenerate_count) == 0
   # It is SAM on the float32 copy of the same params and gradient.
   p32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
   want, _ = gx.sam(0.05).update(
-      jax.tree.map(lambda x: x.astype(jnp.float32), g), gx.sam(0.05).init(p32),
-      p32, grad_fn=grad_fn)
-  np.testing.assert_allclose(np.asarray(out32["w"], np.float32),
-                             np.asarray(want["w"].astype(jnp.bfloat16), np.float32))
+    jax.tree.map(lambda x: x.astype(jnp.float32), g),
+    gx.sam(0.05).init(p32),
+    p32,
+    grad_fn=grad_fn,
+  )
+  np.testing.assert_allclose(
+    np.asarray(out32["w"], np.float32),
+    np.asarray(want["w"].astype(jnp.bfloat16), np.float32),
+  )
 
 
 def test_finite_difference_step_below_rounding_is_counted():
@@ -230,7 +233,7 @@ def test_lookahead_around_the_base_optimizer():
   """optax.lookahead passes no extra arguments to its fast optimizer, so
   grad_fn cannot reach a transform inside it. The working pattern: call the
   second-gradient transform first and give its output to lookahead."""
-  loss = lambda p: jnp.sum((p - 1.0) ** 4) + jnp.sum(p ** 2)
+  loss = lambda p: jnp.sum((p - 1.0) ** 4) + jnp.sum(p**2)
   sam, la = gx.sam(0.05), optax.lookahead(optax.sgd(0.05), 3, 0.5)
   plain = optax.chain(gx.sam(0.05), optax.sgd(0.05))
   params = optax.LookaheadParams.init_synced(jnp.array([0.3, -0.2, 2.0]))
@@ -247,22 +250,23 @@ def test_lookahead_around_the_base_optimizer():
   for t in range(6):
     params, s_sam, s_la = step(params, s_sam, s_la)
     if t < 2:  # before the first sync, the fast weights follow chain(sam, sgd)
-      u, s_plain = plain.update(jax.grad(loss)(fast), s_plain, fast,
-                                grad_fn=jax.grad(loss))
+      u, s_plain = plain.update(
+        jax.grad(loss)(fast), s_plain, fast, grad_fn=jax.grad(loss)
+      )
       fast = optax.apply_updates(fast, u)
       np.testing.assert_allclose(params.fast, fast, rtol=1e-6)
   assert float(loss(params.slow)) < float(loss(jnp.array([0.3, -0.2, 2.0])))
 
 
-def test_apply_if_finite_skips_steps_and_keeps_the_inner_state():
+def test_apply_if_finite_skips_steps_and_keeps_the_inner_state(loss_fn, make_params):
   """`apply_if_finite(chain(sam(every_k=3), sgd))`: a NaN clean gradient gives
   a NaN update, which apply_if_finite rejects: params, the every_k cache, the
   counts and the momentum stay as they were, so the run equals one without
   the bad steps. A NaN at the perturbed point is handled inside (the update is
   finite), so apply_if_finite applies that step."""
   tx = optax.apply_if_finite(
-      optax.chain(gx.sam(0.05, every_k=3), optax.sgd(0.05, momentum=0.9)),
-      max_consecutive_errors=3,
+    optax.chain(gx.sam(0.05, every_k=3), optax.sgd(0.05, momentum=0.9)),
+    max_consecutive_errors=3,
   )
 
   @jax.jit
@@ -321,24 +325,28 @@ def small_loss(p):
 
 
 CACHED = [
-    lambda: gx.penalized_grad(0.05, 0.8, every_k=3),
-    lambda: gx.finite_difference_gr(0.1, 0.01, scheme="central", every_k=2),
-    lambda: gx.gradient_regularization(0.1, every_k=2),
+  lambda: gx.penalized_grad(0.05, 0.8, every_k=3),
+  lambda: gx.finite_difference_gr(0.1, 0.01, scheme="central", every_k=2),
+  lambda: gx.gradient_regularization(0.1, every_k=2),
 ]
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize(
-    "other,match",
-    [
-        ({**PARAMS, "c": jnp.ones(2)},
-         r"(?s)params has another structure than the params the optimizer state "
-         r"\(its every_k cache\) was built for:.*re-run tx.init\(params\)"),
-        ({**PARAMS, "w": jnp.ones(4)},
-         r"(?s)params has float32\[4\] at \['w'\], where the optimizer state "
-         r"\(its every_k cache\) was built for \[3\].*re-run tx.init\(params\)"),
-    ],
-    ids=["structure", "shape"],
+  "other,match",
+  [
+    (
+      {**PARAMS, "c": jnp.ones(2)},
+      r"(?s)params has another structure than the params the optimizer state "
+      r"\(its every_k cache\) was built for:.*re-run tx.init\(params\)",
+    ),
+    (
+      {**PARAMS, "w": jnp.ones(4)},
+      r"(?s)params has float32\[4\] at \['w'\], where the optimizer state "
+      r"\(its every_k cache\) was built for \[3\].*re-run tx.init\(params\)",
+    ),
+  ],
+  ids=["structure", "shape"],
 )
 @pytest.mark.parametrize("make", CACHED)
 def test_params_of_another_tree_than_the_state(make, other, match, jit):
@@ -359,14 +367,15 @@ def test_params_dtype_other_than_the_state_under_x64():
   state = tx.init(PARAMS)  # float32 cache
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda x: x.astype(jnp.float64), PARAMS)
-    with pytest.raises(ValueError, match=r"float64\[\] at \['b'\].*compute "
-                       r"dtype float32; re-run tx.init\(params\)"):
-      tx.update(jax.grad(small_loss)(p64), state, p64,
-                grad_fn=jax.grad(small_loss))
+    with pytest.raises(
+      ValueError,
+      match=r"float64\[\] at \['b'\].*compute "
+      r"dtype float32; re-run tx.init\(params\)",
+    ):
+      tx.update(jax.grad(small_loss)(p64), state, p64, grad_fn=jax.grad(small_loss))
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_x64_keeps_float32_math_float32(case):
+def test_x64_keeps_float32_math_float32(case, loss_fn, make_params, update_kwargs):
   """With `jax_enable_x64` on, Python-number hyperparameters (`rho=0.05`)
   must not promote the math on float32 params to float64: the compiled
   update holds no float64 arithmetic on arrays, only scalar constants."""
@@ -392,65 +401,34 @@ def test_every_k_one_checks_grads_against_params_and_keeps_no_tree():
   tx = gx.sam(0.05)
   state = tx.init(PARAMS)
   other = {**PARAMS, "c": jnp.array([0.5, -1.0])}
-  with pytest.raises(ValueError, match=r"(?s)updates returned a tree of another "
-                     r"structure than params.*must have the tree of params"):
-    tx.update(jax.grad(small_loss)(PARAMS), state, other,
-              grad_fn=jax.grad(small_loss))
+  with pytest.raises(
+    ValueError,
+    match=r"(?s)updates returned a tree of another "
+    r"structure than params.*must have the tree of params",
+  ):
+    tx.update(jax.grad(small_loss)(PARAMS), state, other, grad_fn=jax.grad(small_loss))
   g = jax.grad(small_loss)(other)
   a, _ = tx.update(g, state, other, grad_fn=jax.grad(small_loss))
   b, _ = tx.update(g, tx.init(other), other, grad_fn=jax.grad(small_loss))
   assert leaves_bitwise_equal(a, b)
 
 
-@pytest.mark.parametrize(
-    "factory,error,match",
-    [
-        (lambda: gx.sam(rho="0.05"), TypeError, "rho must be a number or a schedule"),
-        (lambda: gx.sam(rho=float("nan")), ValueError, "rho must be finite, got nan"),
-        (lambda: gx.penalized_grad(alpha="0.8"), TypeError,
-         "alpha must be a number or a schedule"),
-        (lambda: gx.penalized_grad(alpha=float("nan")), ValueError,
-         "alpha must be finite, got nan"),
-        (lambda: gx.finite_difference_gr(gamma="0.1", epsilon=0.01), TypeError,
-         r"gamma must be a number or a schedule.*got '0.1' of type str"),
-        (lambda: gx.finite_difference_gr(gamma=float("nan"), epsilon=0.01),
-         ValueError, "gamma must be finite, got nan"),
-        (lambda: gx.finite_difference_gr(gamma=0.1, epsilon="0.01"), TypeError,
-         r"epsilon must be a number or a schedule.*got '0.01' of type str"),
-        (lambda: gx.finite_difference_gr(gamma=0.1, epsilon=float("nan")),
-         ValueError, "epsilon must be finite, got nan"),
-        (lambda: gx.finite_difference_gr(gamma=0.1, epsilon=float("inf")),
-         ValueError, "epsilon must be finite, got inf"),
-        (lambda: gx.gradient_regularization(gamma="0.1"), TypeError,
-         "gamma must be a number or a schedule"),
-        (lambda: gx.gradient_regularization(gamma=jnp.nan), ValueError,
-         "gamma must be finite, got nan"),
-        (lambda: gx.flooding(level="0.1"), TypeError,
-         "level must be a number or a schedule"),
-        (lambda: gx.flooding(level=float("nan")), ValueError,
-         "level must be finite, got nan"),
-    ],
-)
-def test_string_and_nan_hyperparameters(factory, error, match):
-  with pytest.raises(error, match=match):
-    factory()
-
-
 MASKED_MATCH = (
-    r"(?s)needs the full parameter tree, but its params has optax.MaskedNode "
-    r"leaves at \['b'\]: it is inside optax.masked or optax.partition.*Put "
-    r"\w+ outside, first in the chain, and mask the base optimizer instead"
+  r"(?s)needs the full parameter tree, but its params has optax.MaskedNode "
+  r"leaves at \['b'\]: it is inside optax.masked or optax.partition.*Put "
+  r"\w+ outside, first in the chain, and mask the base optimizer instead"
 )
 
 
 @pytest.mark.parametrize(
-    "wrap",
-    [
-        lambda tx: optax.masked(tx, {"w": True, "b": False}),
-        lambda tx: optax.partition({"a": tx, "f": optax.set_to_zero()},
-                                   {"w": "a", "b": "f"}),
-    ],
-    ids=["masked", "partition"],
+  "wrap",
+  [
+    lambda tx: optax.masked(tx, {"w": True, "b": False}),
+    lambda tx: optax.partition(
+      {"a": tx, "f": optax.set_to_zero()}, {"w": "a", "b": "f"}
+    ),
+  ],
+  ids=["masked", "partition"],
 )
 @pytest.mark.parametrize("make", CACHED + [lambda: gx.sam(0.05)])
 def test_inside_masked_or_partition_fails_with_the_fix(make, wrap):
@@ -467,46 +445,76 @@ def test_masked_tree_in_update_fails_with_the_fix():
     return jax.tree.map(lambda m, x: x if m else optax.MaskedNode(), mask, t)
 
   with pytest.raises(ValueError, match=MASKED_MATCH):
-    tx.update(masked(jax.grad(small_loss)(PARAMS)), tx.init(PARAMS),
-              masked(PARAMS), grad_fn=jax.grad(small_loss))
+    tx.update(
+      masked(jax.grad(small_loss)(PARAMS)),
+      tx.init(PARAMS),
+      masked(PARAMS),
+      grad_fn=jax.grad(small_loss),
+    )
 
 
 def test_the_fix_for_masked_works():
   """The documented alternative: the transform first, on the full tree, and
   the base optimizer partitioned (here: "b" frozen)."""
   tx = optax.chain(
-      gx.sam(0.05),
-      optax.partition({"a": optax.sgd(0.1), "f": optax.set_to_zero()},
-                      {"w": "a", "b": "f"}),
+    gx.sam(0.05),
+    optax.partition(
+      {"a": optax.sgd(0.1), "f": optax.set_to_zero()}, {"w": "a", "b": "f"}
+    ),
   )
   g = jax.grad(small_loss)(PARAMS)
   u, _ = tx.update(g, tx.init(PARAMS), PARAMS, grad_fn=jax.grad(small_loss))
-  sam_out, _ = gx.sam(0.05).update(g, gx.sam(0.05).init(PARAMS), PARAMS,
-                                   grad_fn=jax.grad(small_loss))
+  sam_out, _ = gx.sam(0.05).update(
+    g, gx.sam(0.05).init(PARAMS), PARAMS, grad_fn=jax.grad(small_loss)
+  )
   assert float(u["b"]) == 0.0
   np.testing.assert_allclose(u["w"], -0.1 * sam_out["w"], rtol=1e-6)
   assert not np.allclose(sam_out["w"], g["w"])
 
 
 def data_loss(p, x, y):
-  return jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2) + 0.01 * jnp.sum(p["w"]**2)
+  return jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2) + 0.01 * jnp.sum(
+    p["w"] ** 2
+  )
 
 
-DATA = (jax.random.normal(jax.random.key(0), (16, 3)),
-        jax.random.normal(jax.random.key(1), (16,)))
+DATA = (
+  jax.random.normal(jax.random.key(0), (16, 3)),
+  jax.random.normal(jax.random.key(1), (16,)),
+)
 
 
-@pytest.mark.parametrize("make", CACHED + [lambda: gx.sam(0.05)])
-def test_value_fn_gets_the_extra_args_it_names(make):
-  """optax's line-search convention: `value_fn=fn, x=x, y=y` evaluates
+@pytest.mark.parametrize(
+  "make",
+  CACHED
+  + [
+    lambda: gx.sam(0.05),
+    lambda: gx.penalized_grad(0.05, 0.8, adaptive=True),
+    lambda: gx.finite_difference_gr(0.1, 0.01),
+    lambda: gx.gradient_regularization(0.1),
+  ],
+)
+def test_value_fn_equals_grad_fn_and_gets_the_extra_args_it_names(make):
+  """`value_fn=fn` instead of `grad_fn` gives the same update bit for bit;
+  with optax's line-search convention, `value_fn=fn, x=x, y=y` evaluates
   `fn(params, x=x, y=y)`; arguments that fn does not name are ignored."""
   x, y = DATA
   tx = make()
   g = jax.grad(data_loss)(PARAMS, x, y)
-  a, _ = tx.update(g, tx.init(PARAMS), PARAMS, value_fn=data_loss, x=x, y=y,
-                   value=data_loss(PARAMS, x, y), grad=g, unused=1)
-  b, _ = tx.update(g, tx.init(PARAMS), PARAMS,
-                   grad_fn=lambda p: jax.grad(data_loss)(p, x, y))
+  a, _ = tx.update(
+    g,
+    tx.init(PARAMS),
+    PARAMS,
+    value_fn=data_loss,
+    x=x,
+    y=y,
+    value=data_loss(PARAMS, x, y),
+    grad=g,
+    unused=1,
+  )
+  b, _ = tx.update(
+    g, tx.init(PARAMS), PARAMS, grad_fn=lambda p: jax.grad(data_loss)(p, x, y)
+  )
   assert leaves_bitwise_equal(a, b)
   assert not leaves_bitwise_equal(a, g)
 
@@ -524,7 +532,8 @@ def sam_by_hand(direction, p, x, rho):
   """The gradient of `shifted_loss(., x)` at `p + rho * direction / |direction|`."""
   norm = optax.tree.norm(direction)
   return jax.grad(shifted_loss)(
-      jax.tree.map(lambda a, d: a + rho * d / norm, p, direction), x)
+    jax.tree.map(lambda a, d: a + rho * d / norm, p, direction), x
+  )
 
 
 def micro_stepper(tx):
@@ -532,8 +541,12 @@ def micro_stepper(tx):
 
   @jax.jit
   def step(p, state, x):
-    return tx.update(jax.grad(shifted_loss)(p, x), state, p,
-                     grad_fn=lambda q: jax.grad(shifted_loss)(q, x))
+    return tx.update(
+      jax.grad(shifted_loss)(p, x),
+      state,
+      p,
+      grad_fn=lambda q: jax.grad(shifted_loss)(q, x),
+    )
 
   return step
 
@@ -547,19 +560,17 @@ def test_multisteps_around_the_chain():
   SAM perturbs along the mean gradient of the k micro-batches, and takes g'
   from that last call's grad_fn (the last micro-batch)."""
   rho, lr = 0.1, 0.05
-  tx = optax.MultiSteps(optax.chain(gx.sam(rho), optax.sgd(lr)),
-                        every_k_schedule=2)
+  tx = optax.MultiSteps(optax.chain(gx.sam(rho), optax.sgd(lr)), every_k_schedule=2)
   step = micro_stepper(tx)
   p, state = PARAMS, tx.init(PARAMS)
   for n in range(2):
-    x0, x1 = MICRO_BATCHES[2 * n: 2 * n + 2]
+    x0, x1 = MICRO_BATCHES[2 * n : 2 * n + 2]
     u0, state = step(p, state, jnp.float32(x0))
     assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(u0))
     u1, state = step(p, state, jnp.float32(x1))
     gs = [jax.grad(shifted_loss)(p, jnp.float32(x)) for x in (x0, x1)]
     mean = jax.tree.map(lambda a, b: (a + b) / 2, *gs)
-    want = jax.tree.map(lambda g: -lr * g,
-                        sam_by_hand(mean, p, jnp.float32(x1), rho))
+    want = jax.tree.map(lambda g: -lr * g, sam_by_hand(mean, p, jnp.float32(x1), rho))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u1, want)
     assert int(state.inner_opt_state[0].count) == n + 1  # one per k micro-steps
     p = optax.apply_updates(p, u1)
@@ -571,11 +582,12 @@ def test_multisteps_after_the_transform():
   applied on the k-th micro-step."""
   rho, lr = 0.1, 0.05
   tx = optax.chain(
-      gx.sam(rho), optax.MultiSteps(optax.sgd(lr), 2).gradient_transformation())
+    gx.sam(rho), optax.MultiSteps(optax.sgd(lr), 2).gradient_transformation()
+  )
   step = micro_stepper(tx)
   p, state = PARAMS, tx.init(PARAMS)
   for n in range(2):
-    xs = [jnp.float32(x) for x in MICRO_BATCHES[2 * n: 2 * n + 2]]
+    xs = [jnp.float32(x) for x in MICRO_BATCHES[2 * n : 2 * n + 2]]
     u0, state = step(p, state, xs[0])
     assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(u0))
     u1, state = step(p, state, xs[1])
@@ -600,16 +612,18 @@ def test_clip_before_clips_the_gradient_that_defines_the_perturbation():
     points.append(p)
     return jax.grad(small_loss)(p)
 
-  tx = optax.chain(optax.clip_by_global_norm(max_norm),
-                   gx.finite_difference_gr(gamma, eps))
+  tx = optax.chain(
+    optax.clip_by_global_norm(max_norm), gx.finite_difference_gr(gamma, eps)
+  )
   g = jax.grad(small_loss)(BIG)
   assert float(optax.tree.norm(g)) > 10 * max_norm
   u, _ = tx.update(g, tx.init(BIG), BIG, grad_fn=grad_fn)
   gc = jax.tree.map(lambda x: x * max_norm / optax.tree.norm(g), g)
   want_point = jax.tree.map(lambda p, d: p + eps * d, BIG, gc)
   (point,) = points
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
-               point, want_point)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), point, want_point
+  )
   g_at = jax.grad(small_loss)(want_point)  # not clipped
   assert float(optax.tree.norm(g_at)) > 10 * max_norm
   want = jax.tree.map(lambda c, h: c + gamma / eps * (h - c), gc, g_at)
@@ -618,8 +632,7 @@ def test_clip_before_clips_the_gradient_that_defines_the_perturbation():
   # SAM's perturbation is normalized: clipping g first does not move it, and
   # the SAM gradient itself is not clipped.
   sam_clipped = optax.chain(optax.clip_by_global_norm(max_norm), gx.sam(0.05))
-  u, _ = sam_clipped.update(g, sam_clipped.init(BIG), BIG,
-                            grad_fn=jax.grad(small_loss))
+  u, _ = sam_clipped.update(g, sam_clipped.init(BIG), BIG, grad_fn=jax.grad(small_loss))
   want = sam_by_hand(g, BIG, 0.0, 0.05)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u, want)
   assert float(optax.tree.norm(u)) > 10 * max_norm
@@ -637,8 +650,10 @@ def test_clip_before_one_sided_differences_mix_clipped_and_unclipped():
   exact = jax.tree.map(lambda c, h: c + gamma * h, gc, hgc)
   err = {}
   for scheme in ("forward", "central"):
-    tx = optax.chain(optax.clip_by_global_norm(max_norm),
-                     gx.finite_difference_gr(gamma, eps, scheme=scheme))
+    tx = optax.chain(
+      optax.clip_by_global_norm(max_norm),
+      gx.finite_difference_gr(gamma, eps, scheme=scheme),
+    )
     u, _ = tx.update(g, tx.init(BIG), BIG, grad_fn=jax.grad(small_loss))
     diff = jax.tree.map(jnp.subtract, u, exact)
     err[scheme] = float(optax.tree.norm(diff) / optax.tree.norm(exact))
@@ -646,12 +661,15 @@ def test_clip_before_one_sided_differences_mix_clipped_and_unclipped():
   assert err["forward"] > 10, err
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: gx.penalized_grad(0.05, 0.8),
     lambda: gx.sam(0.05, every_k=2),
     lambda: gx.finite_difference_gr(0.01, 0.001, scheme="backward"),
     lambda: gx.gradient_regularization(0.01),
-])
+  ],
+)
 def test_clip_before_and_after_give_finite_results(make):
   max_norm = 1.0
   before = optax.chain(optax.clip_by_global_norm(max_norm), make(), optax.sgd(1e-3))
@@ -661,8 +679,9 @@ def test_clip_before_and_after_give_finite_results(make):
   assert all_finite(u)
   p, state = BIG, after.init(BIG)
   for _ in range(3):
-    u, state = after.update(jax.grad(small_loss)(p), state, p,
-                            grad_fn=jax.grad(small_loss))
+    u, state = after.update(
+      jax.grad(small_loss)(p), state, p, grad_fn=jax.grad(small_loss)
+    )
     assert all_finite(u)
     # sgd(1.0) after the clip: |update| <= max_norm.
     assert float(optax.tree.norm(u)) <= max_norm * (1 + 1e-5)
@@ -678,14 +697,17 @@ def test_backtracking_linesearch_shares_value_fn():
   every step."""
   x, y = DATA
   tx = optax.chain(
-      gx.sam(0.05), optax.sgd(1.0),
-      optax.scale_by_backtracking_linesearch(max_backtracking_steps=15))
+    gx.sam(0.05),
+    optax.sgd(1.0),
+    optax.scale_by_backtracking_linesearch(max_backtracking_steps=15),
+  )
 
   @jax.jit
   def step(p, state):
     value, grad = jax.value_and_grad(data_loss)(p, x, y)
-    u, state = tx.update(grad, state, p, value=value, grad=grad,
-                         value_fn=data_loss, x=x, y=y)
+    u, state = tx.update(
+      grad, state, p, value=value, grad=grad, value_fn=data_loss, x=x, y=y
+    )
     return optax.apply_updates(p, u), state, value
 
   p, state = PARAMS, tx.init(PARAMS)
@@ -702,131 +724,14 @@ def test_backtracking_linesearch_shares_value_fn():
   # grad_fn included: with a line search, pass value_fn, not grad_fn.
   grad = jax.grad(data_loss)(p, x, y)
   with pytest.raises(TypeError, match=r"not consumed by `value_fn`: \['grad_fn'\]"):
-    tx.update(grad, state, p, value=data_loss(p, x, y), grad=grad,
-              value_fn=data_loss, x=x, y=y,
-              grad_fn=lambda q: jax.grad(data_loss)(q, x, y))
-
-
-# ----------------------------------------------------------------------------
-# Properties over trees that mix float64, float32 and bfloat16 leaves.
-# ----------------------------------------------------------------------------
-
-# One case per code path (eager, so each new tree compiles its kernels; the
-# float32/bfloat16 properties of every case are in test_properties.py).
-X64_CASES = [c for c in CASES if c.id in {
-    "penalized_grad-normalize_clean", "sam-adaptive",
-    "finite_difference_gr-forward", "finite_difference_gr-central",
-    "gradient_regularization", "flooding", "adaptive_gradient_regularization",
-    "agr_adamw"}]
-SHAPES = [(), (3,), (0,)]
-DTYPES = {"f64": jnp.float64, "f32": jnp.float32, "bf16": jnp.bfloat16}
-
-_leaf = st.fixed_dictionaries({
-    "shape": st.sampled_from(SHAPES),
-    "dtype": st.sampled_from(["f64", "f64", "f32", "bf16"]),
-    "zero": st.sampled_from([False, False, False, True]),
-})
-
-
-def _containers(children):
-  lists = st.lists(children, min_size=1, max_size=3)
-  return st.one_of(lists, lists.map(tuple),
-                   st.dictionaries(st.sampled_from("abc"), children,
-                                   min_size=1, max_size=3))
-
-
-def _is_spec(x):
-  return isinstance(x, dict) and "dtype" in x
-
-
-trees = st.tuples(st.recursive(_leaf, _containers, max_leaves=5),
-                  st.integers(0, 2**32 - 1))
-
-
-def x64_problem(spec_and_seed):
-  """Inside `jax.enable_x64`: params and a quartic loss computed in each
-  leaf's compute dtype (float64 for float64 leaves)."""
-  spec, seed = spec_and_seed
-  rng = np.random.default_rng(seed)
-
-  def leaf(s):
-    x = np.zeros(s["shape"]) if s["zero"] else rng.normal(size=s["shape"])
-    return jnp.asarray(x, DTYPES[s["dtype"]])
-
-  params = jax.tree.map(leaf, spec, is_leaf=_is_spec)
-
-  def loss(p):
-    terms = [jnp.sum(0.5 * y**2 + 0.25 * y**4)
-             for y in (x.astype(jnp.promote_types(x.dtype, jnp.float32))
-                       for x in jax.tree.leaves(p))]
-    return sum(terms, jnp.zeros((), jnp.float64))
-
-  return params, loss
-
-
-def kwargs_for(case, loss, params):
-  if case.needs == "grad_fn":
-    return {"grad_fn": jax.grad(loss)}
-  return {"value": loss(params)} if case.needs == "value" else {}
-
-
-IDENTITIES = {  # each returns g exactly
-    "alpha=0": lambda: gx.penalized_grad(0.05, 0.0),
-    "rho=0": lambda: gx.penalized_grad(0.0, 0.8, adaptive=True),
-    "fd gamma=0": lambda: gx.finite_difference_gr(0.0, 0.01, scheme="central"),
-    "gr gamma=0": lambda: gx.gradient_regularization(0.0),
-}
-
-
-# One test for all float64 properties: the eager kernels that a tree's shapes
-# and dtypes need are compiled once per process, so they are shared.
-@settings(max_examples=10, deadline=None)
-@given(trees, st.booleans(), st.sampled_from(list(IDENTITIES)),
-       st.floats(0.01, 100.0).flatmap(lambda c: st.sampled_from([c, -c])))
-def test_float64_mixes(spec, zero_grads, identity, c):
-  """Trees mixing float64, float32 and bfloat16 leaves (scalars and zero-size
-  arrays included), under jax.enable_x64:
-
-  - every code path keeps the tree, shapes and dtypes, and finite inputs
-    (some or all gradients zero) give finite updates;
-  - `alpha=0`, `rho=0` (penalized_grad) and `gamma=0` (finite differences,
-    exact GR) return g exactly;
-  - AGR is scale-equivariant on float64 leaves to float64 precision.
-  """
-  assert len(X64_CASES) == 8
-  with jax.enable_x64(True):
-    params, loss = x64_problem(spec)
-    want = [DTYPES[s["dtype"]] for s in jax.tree.leaves(spec[0], is_leaf=_is_spec)]
-    assert [x.dtype for x in jax.tree.leaves(params)] == want  # x64 is on
-    grads = jax.grad(loss)(params)
-
-    tx = IDENTITIES[identity]()
-    updates, state = tx.update(grads, tx.init(params), params,
-                               grad_fn=jax.grad(loss))
-    for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True):
-      assert u.dtype == g.dtype and u.shape == g.shape, identity
-      np.testing.assert_array_equal(np.asarray(u, np.float64),
-                                    np.asarray(g, np.float64))
-    assert int(state.nonfinite_count) == 0
-
-    f64 = [g for g in jax.tree.leaves(grads) if g.dtype == jnp.float64]
-    agr = gx.adaptive_gradient_regularization()
-    plain, _ = agr.update(f64, agr.init(f64))
-    scaled, _ = agr.update([c * g for g in f64], agr.init(f64))
-    for s, p, g in zip(scaled, plain, f64, strict=True):
-      assert s.dtype == jnp.float64
-      big = float(np.max(np.abs(np.asarray(g)), initial=0.0))
-      np.testing.assert_allclose(s, c * np.asarray(p), rtol=1e-12,
-                                 atol=1e-14 * abs(c) * big)
-
-    if zero_grads:
-      grads = jax.tree.map(jnp.zeros_like, grads)
-    for case in X64_CASES:
-      tx = case.make(**case.hparams)
-      updates, _ = tx.update(grads, tx.init(params), params,
-                             **kwargs_for(case, loss, params))
-      assert jax.tree.structure(updates) == jax.tree.structure(params), case.id
-      for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads),
-                      strict=True):
-        assert u.dtype == g.dtype and u.shape == g.shape, case.id
-        assert np.all(np.isfinite(np.asarray(u, np.float64))), case.id
+    tx.update(
+      grad,
+      state,
+      p,
+      value=data_loss(p, x, y),
+      grad=grad,
+      value_fn=data_loss,
+      x=x,
+      y=y,
+      grad_fn=lambda q: jax.grad(data_loss)(q, x, y),
+    )

@@ -37,8 +37,14 @@ def _env() -> dict[str, str]:
 
 def _run(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run(
-      [sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True,
-      text=True, timeout=TIMEOUT_S, check=False)
+    [sys.executable, *args],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
+    check=False,
+  )
 
 
 _RESULTS: dict[str, dict[str, dict]] = {}
@@ -48,11 +54,14 @@ def group_results(group: str) -> dict[str, dict]:
   """`{check name: result}` of one group of `sharding_checks.py` (run once)."""
   if group not in _RESULTS:
     proc = _run(str(CHECKS), group)
-    results = [json.loads(line) for line in proc.stdout.splitlines()
-               if line.startswith("{")]
+    results = [
+      json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")
+    ]
     if proc.returncode != 0 or not results:
-      pytest.fail(f"sharding_checks.py {group} exited with {proc.returncode}:\n"
-                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+      pytest.fail(
+        f"sharding_checks.py {group} exited with {proc.returncode}:\n"
+        f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+      )
     _RESULTS[group] = {r["name"]: r for r in results}
   return _RESULTS[group]
 
@@ -76,8 +85,12 @@ def test_shard_map_and_pmap_match_per_shard_reference():
   shard_map (check_vma False / True) and pmap, vs a per-shard reference."""
   assert_all_passed("mapped")
   names = group_results("mapped")
-  assert {"shard_map sam local", "pmap sam local", "shard_map check_vma sam local",
-          "shard_map gradient_regularization sync"} <= set(names)
+  assert {
+    "shard_map sam local",
+    "pmap sam local",
+    "shard_map check_vma sam local",
+    "shard_map gradient_regularization sync",
+  } <= set(names)
 
 
 def test_every_k_under_sharding():
@@ -101,8 +114,16 @@ def test_gradient_already_reduced_by_shard_map_is_rejected(case):
 
 
 def test_data_parallel_example_on_8_devices():
-  proc = _run("-m", "gnorm_optax.examples.data_parallel", "--epochs", "1",
-              "--batch-size", "64", "--model", "mlp")
+  proc = _run(
+    "-m",
+    "gnorm_optax.examples.data_parallel",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--model",
+    "mlp",
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   assert "devices: 8 x cpu" in out and "batch 64 = 8 x 8 per device" in out, out
@@ -115,14 +136,24 @@ def test_data_parallel_example_on_8_devices():
 def test_data_parallel_example_rejects_indivisible_batch_size():
   proc = _run("-m", "gnorm_optax.examples.data_parallel", "--batch-size", "60")
   assert proc.returncode == 2
-  assert "--batch-size must be a positive multiple of the number of devices (8)" \
-      in proc.stderr, proc.stderr
+  assert (
+    "--batch-size must be a positive multiple of the number of devices (8)"
+    in proc.stderr
+  ), proc.stderr
   assert "got 60. Use e.g. --batch-size 56" in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("batch_size,devices,ok", [
-    (64, 8, True), (8, 8, True), (60, 8, False), (4, 8, False), (0, 1, False),
-    (7, 1, True)])
+@pytest.mark.parametrize(
+  "batch_size,devices,ok",
+  [
+    (64, 8, True),
+    (8, 8, True),
+    (60, 8, False),
+    (4, 8, False),
+    (0, 1, False),
+    (7, 1, True),
+  ],
+)
 def test_check_batch_size(batch_size, devices, ok):
   if ok:
     data_parallel.check_batch_size(batch_size, devices)

@@ -17,8 +17,11 @@ KEYS = jax.random.split(jax.random.key(42), 32)  # these 32 start keys.
 @functools.cache
 def small_model():
   k = jax.random.split(jax.random.key(0), 4)
-  params = {"w1": jax.random.normal(k[0], (3, 5)), "b1": jnp.zeros(5),
-            "w2": jax.random.normal(k[1], (5, 2))}
+  params = {
+    "w1": jax.random.normal(k[0], (3, 5)),
+    "b1": jnp.zeros(5),
+    "w2": jax.random.normal(k[1], (5, 2)),
+  }
   x = jax.random.normal(k[2], (20, 3))
   y = jax.random.normal(k[3], (20, 2))
 
@@ -48,10 +51,12 @@ def lanczos_of_matrix(k, num_iters):
   def one(a, key):
     grad_fn = jax.grad(lambda p: 0.5 * p @ a @ p)
     if k == 1:
-      return gx.hessian_top_eigenvalue(grad_fn, jnp.ones(a.shape[0]), key=key,
-                                       num_iters=num_iters, return_info=True)
-    return gx.hessian_top_eigenvalues(grad_fn, jnp.ones(a.shape[0]), key=key, k=k,
-                                   num_iters=num_iters, return_info=True)
+      return gx.hessian_top_eigenvalue(
+        grad_fn, jnp.ones(a.shape[0]), key=key, num_iters=num_iters, return_info=True
+      )
+    return gx.hessian_top_eigenvalues(
+      grad_fn, jnp.ones(a.shape[0]), key=key, k=k, num_iters=num_iters, return_info=True
+    )
 
   return jax.jit(jax.vmap(one, in_axes=(None, 0)))
 
@@ -65,15 +70,19 @@ def test_hvp_equals_dense_hessian_times_vector():
   h, unravel = dense_hessian(loss, params)
   v = np.random.default_rng(0).normal(size=h.shape[0]).astype(np.float32)
   out = gx.hvp(jax.grad(loss), params, unravel(jnp.asarray(v)))
-  np.testing.assert_allclose(jax.flatten_util.ravel_pytree(out)[0], h @ v,
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    jax.flatten_util.ravel_pytree(out)[0], h @ v, rtol=1e-4, atol=1e-5
+  )
 
 
 def test_top_eigenvalue_matches_eigvalsh_on_a_pytree_model():
   loss, params = small_model()  # A dict of three arrays, 30 parameters.
   eig = np.linalg.eigvalsh(dense_hessian(loss, params)[0])
-  lam, info = jax.jit(lambda p, key: gx.hessian_top_eigenvalue(
-      jax.grad(loss), p, key=key, return_info=True))(params, jax.random.key(1))
+  lam, info = jax.jit(
+    lambda p, key: gx.hessian_top_eigenvalue(
+      jax.grad(loss), p, key=key, return_info=True
+    )
+  )(params, jax.random.key(1))
   np.testing.assert_allclose(float(lam), eig[-1], rtol=1e-3)  # Largest algebraic.
   assert isinstance(info, gx.EigenInfo)
   assert bool(info.converged) and 1 <= int(info.num_iters) < 30
@@ -119,9 +128,9 @@ def test_invariant_subspace_stops_without_nan():
   def loss(p):
     return p[0] ** 2 + 3 * p[0] * p[1]  # H = [[2, 3], [3, 0]].
 
-  lam, info = gx.hessian_top_eigenvalue(jax.grad(loss), jnp.ones(2),
-                                        key=jax.random.key(0), num_iters=50,
-                                        return_info=True)
+  lam, info = gx.hessian_top_eigenvalue(
+    jax.grad(loss), jnp.ones(2), key=jax.random.key(0), num_iters=50, return_info=True
+  )
   np.testing.assert_allclose(float(lam), 1 + np.sqrt(10), rtol=1e-5)
   assert bool(info.converged) and int(info.num_iters) == 2
   # Two distinct eigenvalues in N dimensions: the Krylov space closes at 2.
@@ -132,8 +141,9 @@ def test_invariant_subspace_stops_without_nan():
   assert np.all(np.isfinite(info.residual))
   # Closed before k Ritz values exist: a fresh direction finds a copy of 2.
   top, info = lanczos(a, k=3)
-  np.testing.assert_allclose(top, np.broadcast_to([2.0, 2.0, -1.0], (32, 3)),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    top, np.broadcast_to([2.0, 2.0, -1.0], (32, 3)), rtol=1e-5, atol=1e-5
+  )
   assert np.all(info.converged) and np.all(np.isfinite(info.residual))
   # H = 0.
   lam, info = lanczos(np.zeros((N, N)))
@@ -144,8 +154,12 @@ def test_float64_params():
   with jax.enable_x64(True):
     a = jnp.diag(jnp.array([5.0, -5.0, 1.0, 4.99], jnp.float64))
     lam, info = gx.hessian_top_eigenvalue(
-        jax.grad(lambda p: 0.5 * p @ a @ p), jnp.ones(4, jnp.float64),
-        key=jax.random.key(0), tol=1e-10, return_info=True)
+      jax.grad(lambda p: 0.5 * p @ a @ p),
+      jnp.ones(4, jnp.float64),
+      key=jax.random.key(0),
+      tol=1e-10,
+      return_info=True,
+    )
     assert lam.dtype == jnp.float64 and info.residual.dtype == jnp.float64
     np.testing.assert_allclose(float(lam), 5.0, rtol=1e-10)
     assert bool(info.converged)
@@ -164,6 +178,7 @@ def test_complex_params_are_pairs_of_real_parameters():
   z = jnp.array([0.3 + 0.1j, -0.2 + 0.4j, 0.5 - 0.3j], jnp.complex64)
   h = np.asarray(jax.jit(jax.hessian(real_loss))(jnp.concatenate([z.real, z.imag])))
   eig = np.linalg.eigvalsh(h.astype(np.float64))
+
   # optax's convention for complex params, as the transforms take it.
   def conj_grad(f):
     return lambda z: jnp.conj(jax.grad(f)(z))
@@ -184,8 +199,9 @@ def test_trace_within_hutchinson_error():
   n = 400
   # Var(z^T H z) for Rademacher z is 2 (||H||_F^2 - sum_i H_ii^2).
   std = np.sqrt(2 * (np.sum(h**2) - np.sum(np.diag(h) ** 2)) / n)
-  est = float(gx.hessian_trace(jax.grad(loss), params, key=jax.random.key(2),
-                               num_samples=n))
+  est = float(
+    gx.hessian_trace(jax.grad(loss), params, key=jax.random.key(2), num_samples=n)
+  )
   assert abs(est - np.trace(h)) < 4 * std, (est, np.trace(h), std)
   assert std < 0.2 * abs(np.trace(h))  # the check is not vacuous
 

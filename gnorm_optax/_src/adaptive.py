@@ -80,16 +80,16 @@ def adaptive_gradient_regularization() -> optax.GradientTransformationExtraArgs:
 
 
 def agr_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype=None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
-    mask=None,
-    *,
-    nesterov: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype=None,
+  weight_decay: optax.ScalarOrSchedule = 1e-4,
+  mask=None,
+  *,
+  nesterov: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with adaptive gradient regularization in front.
 
@@ -128,18 +128,18 @@ def agr_adamw(
     Jiang et al., 2024, https://arxiv.org/abs/2407.16944
   """
   return optax.chain(
-      adaptive_gradient_regularization(),
-      optax.adamw(
-          learning_rate,
-          b1=b1,
-          b2=b2,
-          eps=eps,
-          eps_root=eps_root,
-          mu_dtype=mu_dtype,
-          weight_decay=weight_decay,
-          mask=mask,
-          nesterov=nesterov,
-      ),
+    adaptive_gradient_regularization(),
+    optax.adamw(
+      learning_rate,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      mu_dtype=mu_dtype,
+      weight_decay=weight_decay,
+      mask=mask,
+      nesterov=nesterov,
+    ),
   )
 
 
@@ -172,12 +172,12 @@ def _real_dtype(dtype) -> jnp.dtype:
 
 
 def _scale_by_adan_paper(
-    b1: float = 0.98,
-    b2: float = 0.92,
-    b3: float = 0.99,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
+  b1: float = 0.98,
+  b2: float = 0.92,
+  b3: float = 0.99,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
   r"""The Adan direction of the official code (sail-sg/Adan, `adan.py`).
 
@@ -221,12 +221,11 @@ def _scale_by_adan_paper(
       return zeros(p, jnp.result_type(p) if mu_dtype is None else mu_dtype)
 
     return _ScaleByAdanPaperState(
-        count=jnp.zeros([], jnp.int32),
-        m=jax.tree.map(mu, params),
-        v=jax.tree.map(mu, params),
-        n=jax.tree.map(lambda p: zeros(p, _real_dtype(jnp.result_type(p))),
-                       params),
-        prev_grad=jax.tree.map(lambda p: zeros(p, jnp.result_type(p)), params),
+      count=jnp.zeros([], jnp.int32),
+      m=jax.tree.map(mu, params),
+      v=jax.tree.map(mu, params),
+      n=jax.tree.map(lambda p: zeros(p, _real_dtype(jnp.result_type(p))), params),
+      prev_grad=jax.tree.map(lambda p: zeros(p, jnp.result_type(p)), params),
     )
 
   def update_fn(updates, state, params=None):
@@ -237,8 +236,9 @@ def _scale_by_adan_paper(
     def leaf(g, m, v, n, prev):
       cdt = compute_dtype(g.dtype)
       rdt = _real_dtype(cdt)
-      c1, c2, c3, e, er = (jnp.asarray(x).astype(rdt)
-                           for x in (b1, b2, b3, eps, eps_root))
+      c1, c2, c3, e, er = (
+        jnp.asarray(x).astype(rdt) for x in (b1, b2, b3, eps, eps_root)
+      )
       k = count.astype(rdt)
       gc = g.astype(cdt)
       d = jnp.where(first, jnp.zeros_like(gc), gc - prev.astype(cdt))
@@ -253,16 +253,19 @@ def _scale_by_adan_paper(
 
     grads, treedef = jax.tree.flatten(updates)
     fields = (state.m, state.v, state.n, state.prev_grad)
-    outs = [leaf(*args) for args in zip(
-        grads, *(jax.tree.leaves(f) for f in fields), strict=True)]
-    u, m, v, n, g = (jax.tree.unflatten(treedef, [o[i] for o in outs])
-                     for i in range(5))
+    outs = [
+      leaf(*args)
+      for args in zip(grads, *(jax.tree.leaves(f) for f in fields), strict=True)
+    ]
+    u, m, v, n, g = (
+      jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(5)
+    )
     new_state = _ScaleByAdanPaperState(
-        count=count,
-        m=optax.tree.cast_like(m, state.m),
-        v=optax.tree.cast_like(v, state.v),
-        n=optax.tree.cast_like(n, state.n),
-        prev_grad=optax.tree.cast_like(g, state.prev_grad),
+      count=count,
+      m=optax.tree.cast_like(m, state.m),
+      v=optax.tree.cast_like(v, state.v),
+      n=optax.tree.cast_like(n, state.n),
+      prev_grad=optax.tree.cast_like(g, state.prev_grad),
     )
     return u, new_state
 
@@ -288,16 +291,17 @@ def _decay_flags(mask: Any, params: Any) -> Any:
   if mask is None:
     return jax.tree.map(lambda _: True, params)
   tree = mask(params) if callable(mask) else mask
-  return jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub),
-                      tree, params)
+  return jax.tree.map(
+    lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub), tree, params
+  )
 
 
 def _proximal_step(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Any = None,
-    *,
-    proximal: bool = True,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  mask: Any = None,
+  *,
+  proximal: bool = True,
 ) -> optax.GradientTransformation:
   r"""The learning-rate step and the weight decay of official Adan.
 
@@ -332,16 +336,17 @@ def _proximal_step(
     return _ProximalStepState(count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
-    hp = base.evaluate({"learning_rate": learning_rate,
-                        "weight_decay": weight_decay}, state.count)
+    hp = base.evaluate(
+      {"learning_rate": learning_rate, "weight_decay": weight_decay}, state.count
+    )
     lr, wd = hp["learning_rate"], hp["weight_decay"]
     new_state = _ProximalStepState(count=optax.safe_increment(state.count))
     if no_decay:
       return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), new_state
     if params is None:
       raise ValueError(
-          "adan with weight_decay needs the current params: call "
-          "tx.update(grads, state, params)"
+        "adan with weight_decay needs the current params: call "
+        "tx.update(grads, state, params)"
       )
 
     def leaf(u, p, flag):
@@ -356,24 +361,23 @@ def _proximal_step(
         step = step / (1 + eta * lam)
       return step.astype(u.dtype)
 
-    return jax.tree.map(leaf, updates, params,
-                        _decay_flags(mask, params)), new_state
+    return jax.tree.map(leaf, updates, params, _decay_flags(mask, params)), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def adan(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.98,
-    b2: float = 0.92,
-    b3: float = 0.99,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Any = None,
-    *,
-    proximal: bool = True,
-    mu_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.98,
+  b2: float = 0.92,
+  b3: float = 0.99,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  mask: Any = None,
+  *,
+  proximal: bool = True,
+  mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adan as in its paper (Algorithm 1) and official code, not `optax.adan`.
 
@@ -447,24 +451,25 @@ def adan(
     Optimizing Deep Models*, 2022, https://arxiv.org/abs/2208.06677
   """
   return optax.chain(
-      _scale_by_adan_paper(b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root,
-                           mu_dtype=mu_dtype),
-      _proximal_step(learning_rate, weight_decay, mask, proximal=proximal),
+    _scale_by_adan_paper(
+      b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype
+    ),
+    _proximal_step(learning_rate, weight_decay, mask, proximal=proximal),
   )
 
 
 def agr_adan(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.98,
-    b2: float = 0.92,
-    b3: float = 0.99,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask=None,
-    *,
-    proximal: bool = True,
-    mu_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.98,
+  b2: float = 0.92,
+  b3: float = 0.99,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
+  mask=None,
+  *,
+  proximal: bool = True,
+  mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adan (as in its paper and official code) with AGR in front.
 
@@ -516,8 +521,17 @@ def agr_adan(
     Optimizing Deep Models*, 2022, https://arxiv.org/abs/2208.06677
   """
   return optax.chain(
-      adaptive_gradient_regularization(),
-      adan(learning_rate, b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root,
-           weight_decay=weight_decay, mask=mask, proximal=proximal,
-           mu_dtype=mu_dtype),
+    adaptive_gradient_regularization(),
+    adan(
+      learning_rate,
+      b1=b1,
+      b2=b2,
+      b3=b3,
+      eps=eps,
+      eps_root=eps_root,
+      weight_decay=weight_decay,
+      mask=mask,
+      proximal=proximal,
+      mu_dtype=mu_dtype,
+    ),
   )

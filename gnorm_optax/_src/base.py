@@ -37,18 +37,18 @@ Updates = Any
 GradFn = Callable[[Params], Updates]
 
 GRAD_FN_FIX = (
-    "pass it to update, e.g. tx.update(grads, state, params, "
-    "grad_fn=lambda p: jax.grad(loss_fn)(p, batch)), or pass value_fn="
-    "lambda p: loss_fn(p, batch). With Flax NNX, build it before the clean "
-    "pass:\n"
-    "    grad_fn = gnorm_optax.flax.nnx_grad_fn(model, loss_fn, x, y)\n"
-    "    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)\n"
-    "    optimizer.update(model, grads, grad_fn=grad_fn)"
+  "pass it to update, e.g. tx.update(grads, state, params, "
+  "grad_fn=lambda p: jax.grad(loss_fn)(p, batch)), or pass value_fn="
+  "lambda p: loss_fn(p, batch). With Flax NNX, build it before the clean "
+  "pass:\n"
+  "    grad_fn = gnorm_optax.flax.nnx_grad_fn(model, loss_fn, x, y)\n"
+  "    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)\n"
+  "    optimizer.update(model, grads, grad_fn=grad_fn)"
 )
 
 
 def evaluate(
-    hyperparams: Mapping[str, optax.ScalarOrSchedule], count: jax.Array
+  hyperparams: Mapping[str, optax.ScalarOrSchedule], count: jax.Array
 ) -> dict[str, jax.Array]:
   """Evaluates schedules at `count`; checks that each gives a scalar.
 
@@ -62,7 +62,7 @@ def evaluate(
     v = jnp.asarray(value(count) if callable(value) else value)
     if v.ndim != 0:
       raise ValueError(
-          f"the schedule for {name} must return a scalar, got shape {v.shape}"
+        f"the schedule for {name} must return a scalar, got shape {v.shape}"
       )
     out[name] = v * 1.0 if v.weak_type else v.astype(compute_dtype(v.dtype))
   return out
@@ -74,7 +74,7 @@ def evaluate(
 
 
 def value_fn_kwargs(
-    value_fn: Callable[..., jax.Array], extra_args: Mapping[str, Any]
+  value_fn: Callable[..., jax.Array], extra_args: Mapping[str, Any]
 ) -> dict[str, Any]:
   """The extra arguments that `value_fn` takes by name.
 
@@ -90,12 +90,12 @@ def value_fn_kwargs(
 
 
 def resolve_grad_fn(
-    name: str,
-    params: Params | None,
-    grad_fn: GradFn | None,
-    value_fn: Callable[..., jax.Array] | None,
-    axis_name: str | None,
-    extra_args: Mapping[str, Any] | None = None,
+  name: str,
+  params: Params | None,
+  grad_fn: GradFn | None,
+  value_fn: Callable[..., jax.Array] | None,
+  axis_name: str | None,
+  extra_args: Mapping[str, Any] | None = None,
 ) -> GradFn:
   """Returns the checked gradient function of the protocol.
 
@@ -106,8 +106,8 @@ def resolve_grad_fn(
   """
   if params is None:
     raise ValueError(
-        f"{name} needs params: call tx.update(grads, state, params, "
-        "grad_fn=...), not tx.update(grads, state)"
+      f"{name} needs params: call tx.update(grads, state, params, "
+      "grad_fn=...), not tx.update(grads, state)"
     )
   if grad_fn is not None:
     source, fn = "grad_fn", grad_fn
@@ -124,17 +124,23 @@ def resolve_grad_fn(
     g = fn(p)
     # The gradient has the dtypes of its argument (a perturbed point may be
     # formed in float32 for bfloat16 params) or of params.
-    like = p if same_structure(p, g) and all(
+    like = (
+      p
+      if same_structure(p, g)
+      and all(
         jnp.result_type(x) == jnp.result_type(y)
-        for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(p), strict=True)) else params
+        for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(p), strict=True)
+      )
+      else params
+    )
     checks.check_same_tree(
-        source,
-        g,
-        like,
-        "grad_fn must return the gradient of the loss with respect to its "
-        "argument, with the tree, shapes and dtypes of params (with flax.nnx, "
-        "nnx.Optimizer passes plain arrays: build it with "
-        "gnorm_optax.flax.nnx_grad_fn(model, loss_fn, *batch))",
+      source,
+      g,
+      like,
+      "grad_fn must return the gradient of the loss with respect to its "
+      "argument, with the tree, shapes and dtypes of params (with flax.nnx, "
+      "nnx.Optimizer passes plain arrays: build it with "
+      "gnorm_optax.flax.nnx_grad_fn(model, loss_fn, *batch))",
     )
     if axis_name is not None:
       g = jax.lax.pmean(g, axis_name)
@@ -221,8 +227,9 @@ class Probe:
   amount.
   """
 
-  def __init__(self, grad_fn: GradFn, params: Params, perturb_dtype: Any,
-               axis_name: str | None):
+  def __init__(
+    self, grad_fn: GradFn, params: Params, perturb_dtype: Any, axis_name: str | None
+  ):
     self.grad_fn = grad_fn
     self._params = params
     self._perturb_dtype = perturb_dtype
@@ -234,15 +241,19 @@ class Probe:
       return jnp.result_type(p)
     return jnp.promote_types(jnp.result_type(p), self._perturb_dtype)
 
-  def __call__(self, direction: Updates, scale: Any = 1.0, *,
-               measure: bool | None = None) -> Updates:
+  def __call__(
+    self, direction: Updates, scale: Any = 1.0, *, measure: bool | None = None
+  ) -> Updates:
     step = jax.tree.map(lambda d: scale * d, upcast(direction))
     exact = optax.tree.add(step, upcast(self._params))
     point = jax.tree.map(
-        lambda x, p: x.astype(self.point_dtype(p)), exact, self._params)
+      lambda x, p: x.astype(self.point_dtype(p)), exact, self._params
+    )
     if measure is None:
-      measure = any(jnp.dtype(x.dtype).itemsize < jnp.dtype(compute_dtype(
-          x.dtype)).itemsize for x in jax.tree.leaves(point))
+      measure = any(
+        jnp.dtype(x.dtype).itemsize < jnp.dtype(compute_dtype(x.dtype)).itemsize
+        for x in jax.tree.leaves(point)
+      )
     if measure:
       self._measure(point, step)
     return upcast(self.grad_fn(point))
@@ -256,9 +267,14 @@ class Probe:
       return jnp.sum(pair, axis=tuple(range(1, pair.ndim)))
 
     per_leaf = (
-        sums_of(x, p, d)
-        for x, p, d in zip(jax.tree.leaves(point), jax.tree.leaves(self._params),
-                           jax.tree.leaves(step), strict=True))
+      sums_of(x, p, d)
+      for x, p, d in zip(
+        jax.tree.leaves(point),
+        jax.tree.leaves(self._params),
+        jax.tree.leaves(step),
+        strict=True,
+      )
+    )
     sums = sum(per_leaf, start=jnp.zeros([2], jnp.float32))
     miss, length = sums[0], sums[1]
     if self._axis_name is not None:
@@ -280,23 +296,23 @@ class Probe:
 # perturbation (`g_perturb`: local or averaged), the averaged clean gradient
 # `g` (compute dtype), `params` and the evaluated hyperparameters.
 CorrectionFn = Callable[
-    [Probe, Updates, Updates, Params, dict[str, jax.Array]], Updates
+  [Probe, Updates, Updates, Params, dict[str, jax.Array]], Updates
 ]
 # `apply_fn(g, d, hp) -> update`: combines the clean gradient and the correction.
 ApplyFn = Callable[[Updates, Updates, dict[str, jax.Array]], Updates]
 
 
 def second_gradient_transformation(
-    name: str,
-    correction_fn: CorrectionFn,
-    apply_fn: ApplyFn,
-    hyperparams: Mapping[str, optax.ScalarOrSchedule],
-    *,
-    every_k: int | jax.Array = 1,
-    axis_name: str | None = None,
-    sync_perturbation: bool = True,
-    perturb_dtype: Any = None,
-    identity_at_zero: bool = True,
+  name: str,
+  correction_fn: CorrectionFn,
+  apply_fn: ApplyFn,
+  hyperparams: Mapping[str, optax.ScalarOrSchedule],
+  *,
+  every_k: int | jax.Array = 1,
+  axis_name: str | None = None,
+  sync_perturbation: bool = True,
+  perturb_dtype: Any = None,
+  identity_at_zero: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a transformation `g -> apply_fn(g, d)` with `d` from extra gradients.
 
@@ -352,8 +368,9 @@ def second_gradient_transformation(
     perturb_dtype = jnp.dtype(perturb_dtype)
     if not jnp.issubdtype(perturb_dtype, jnp.inexact):
       raise ValueError(
-          f"perturb_dtype must be a floating dtype such as jnp.float32, got "
-          f"{perturb_dtype}")
+        f"perturb_dtype must be a floating dtype such as jnp.float32, got "
+        f"{perturb_dtype}"
+      )
 
   def init_fn(params: Params) -> SecondGradientState:
     checks.check_full_tree(name, params, "params")
@@ -361,31 +378,31 @@ def second_gradient_transformation(
     if keeps_cache:
       # zeros_like keeps each parameter's sharding (explicit meshes).
       correction = jax.tree.map(
-          lambda p: jnp.zeros_like(p, dtype=compute_dtype(p.dtype)), params
+        lambda p: jnp.zeros_like(p, dtype=compute_dtype(p.dtype)), params
       )
     # One array per field: a state whose leaves share a buffer cannot be
     # donated (`jax.jit(step, donate_argnums=...)`).
     return SecondGradientState(
-        count=jnp.zeros([], jnp.int32),
-        nonfinite_count=jnp.zeros([], jnp.int32),
-        degenerate_count=jnp.zeros([], jnp.int32),
-        perturbation_error=jnp.zeros([], jnp.float32),
-        correction=correction,
+      count=jnp.zeros([], jnp.int32),
+      nonfinite_count=jnp.zeros([], jnp.int32),
+      degenerate_count=jnp.zeros([], jnp.int32),
+      perturbation_error=jnp.zeros([], jnp.float32),
+      correction=correction,
     )
 
   def update_fn(
-      updates: Updates,
-      state: SecondGradientState,
-      params: Params | None = None,
-      *,
-      grad_fn: GradFn | None = None,
-      value_fn: Callable[..., jax.Array] | None = None,
-      **extra_args: Any,
+    updates: Updates,
+    state: SecondGradientState,
+    params: Params | None = None,
+    *,
+    grad_fn: GradFn | None = None,
+    value_fn: Callable[..., jax.Array] | None = None,
+    **extra_args: Any,
   ) -> tuple[Updates, SecondGradientState]:
     # Unknown extra arguments are ignored (optax convention), except those
     # that value_fn takes by name (optax's line-search convention).
     checked_grad_fn = resolve_grad_fn(
-        name, params, grad_fn, value_fn, axis_name, extra_args
+      name, params, grad_fn, value_fn, axis_name, extra_args
     )
     checks.check_not_chained(name, updates)
     checks.check_full_tree(name, params, "params")
@@ -393,11 +410,11 @@ def second_gradient_transformation(
     if state.correction is not None:
       checks.check_state_matches(name, state.correction, params)
     checks.check_same_tree(
-        "updates",
-        updates,
-        params,
-        f"the gradient given to {name}.update must have the tree of params",
-        dtypes=False,
+      "updates",
+      updates,
+      params,
+      f"the gradient given to {name}.update must have the tree of params",
+      dtypes=False,
     )
     if axis_name is not None:
       checks.check_not_reduced(name, axis_name, updates)
@@ -426,18 +443,22 @@ def second_gradient_transformation(
 
       def reuse(g_perturb, g, params):
         del g_perturb, g, params
-        return (state.correction, jnp.asarray(True), state.perturbation_error,
-                jnp.asarray(False))
+        return (
+          state.correction,
+          jnp.asarray(True),
+          state.perturbation_error,
+          jnp.asarray(False),
+        )
 
       # An injected every_k below 1 (or fractional) is taken as max(1, int).
       k_now = jnp.maximum(jnp.asarray(every_k).astype(jnp.int32), 1)
       d, finite, error, degenerate = jax.lax.cond(
-          state.count % k_now == 0,
-          canonical_conv.for_xla_cpu(refresh),
-          reuse,
-          g_perturb,
-          g,
-          params,
+        state.count % k_now == 0,
+        canonical_conv.for_xla_cpu(refresh),
+        reuse,
+        g_perturb,
+        g,
+        params,
       )
       correction = d
 
@@ -446,11 +467,11 @@ def second_gradient_transformation(
       out = optax.tree.where(finite, out, g)
     out = optax.tree.cast_like(out, updates)
     new_state = SecondGradientState(
-        count=optax.safe_increment(state.count),
-        nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
-        degenerate_count=state.degenerate_count + degenerate.astype(jnp.int32),
-        perturbation_error=error,
-        correction=correction,
+      count=optax.safe_increment(state.count),
+      nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
+      degenerate_count=state.degenerate_count + degenerate.astype(jnp.int32),
+      perturbation_error=error,
+      correction=correction,
     )
     checks.remember_outputs(out)
     return out, new_state

@@ -61,16 +61,14 @@ def _conv(lhs, rhs, *, dimension_numbers, **params):
   """`conv_general_dilated` with canonical layouts (same values)."""
   lhs_spec, rhs_spec, out_spec = dimension_numbers
   canonical = _canonical_dimension_numbers(len(lhs_spec) - 2)
-  if params["batch_group_count"] != 1 or tuple(dimension_numbers) == tuple(
-      canonical
-  ):
+  if params["batch_group_count"] != 1 or tuple(dimension_numbers) == tuple(canonical):
     return jex_prims.conv_general_dilated_p.bind(
-        lhs, rhs, dimension_numbers=dimension_numbers, **params
+      lhs, rhs, dimension_numbers=dimension_numbers, **params
     )
   lhs = jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
   rhs = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
   out = jex_prims.conv_general_dilated_p.bind(
-      lhs, rhs, dimension_numbers=canonical, **params
+    lhs, rhs, dimension_numbers=canonical, **params
   )
   out_order = (out_spec[0], *out_spec[2:], out_spec[1])
   return jnp.transpose(out, tuple(int(i) for i in np.argsort(out_order)))
@@ -93,9 +91,7 @@ def _eval_jaxpr(jaxpr: jex_core.Jaxpr, consts: list[Any], *args: Any) -> list[An
       outs = _eval_jaxpr(sub.jaxpr, sub.consts, *invals)
     else:
       with eqn.ctx.manager:
-        outs = eqn.primitive.bind(
-            *invals, **eqn.primitive.get_bind_params(eqn.params)
-        )
+        outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
       if not eqn.primitive.multiple_results:
         outs = [outs]
     for v, x in zip(eqn.outvars, outs, strict=True):
@@ -128,11 +124,11 @@ def _or_plain(fast: Callable[..., Any], fn: Callable[..., Any]):
     except Exception as e:  # noqa: BLE001 -- any failure means: use the plain branch.
       out = fn(*args)
       warnings.warn(
-          "gnorm_optax: the CPU convolution rewrite for every_k failed "
-          f"({type(e).__name__}: {e}); using the plain branch, which is correct "
-          "but slower on XLA:CPU. Please report this with your JAX version.",
-          RuntimeWarning,
-          stacklevel=2,
+        "gnorm_optax: the CPU convolution rewrite for every_k failed "
+        f"({type(e).__name__}: {e}); using the plain branch, which is correct "
+        "but slower on XLA:CPU. Please report this with your JAX version.",
+        RuntimeWarning,
+        stacklevel=2,
       )
       return out
 

@@ -33,13 +33,13 @@ def _is_traced(value: Any) -> bool:
 
 
 def check_scalar(
-    name: str,
-    value: Any,
-    *,
-    minimum: float | None = None,
-    strict: bool = False,
-    fix: str = "",
-    owner: str = "",
+  name: str,
+  value: Any,
+  *,
+  minimum: float | None = None,
+  strict: bool = False,
+  fix: str = "",
+  owner: str = "",
 ) -> None:
   """Checks a numeric hyperparameter given as a constant.
 
@@ -56,19 +56,19 @@ def check_scalar(
   if isinstance(value, optax.GradientTransformation):
     owner = owner or "sam"
     raise TypeError(
-        f"{name} must be a number or a schedule, got an optax optimizer. "
-        f"gx.{owner} is not a wrapper around the optimizer (as "
-        "optax.contrib.sam is): it transforms the gradient, so chain it in "
-        f"front of the optimizer:\n    optax.chain(gx.{owner}(...), optimizer)"
+      f"{name} must be a number or a schedule, got an optax optimizer. "
+      f"gx.{owner} is not a wrapper around the optimizer (as "
+      "optax.contrib.sam is): it transforms the gradient, so chain it in "
+      f"front of the optimizer:\n    optax.chain(gx.{owner}(...), optimizer)"
     )
   if callable(value) or _is_traced(value):
     return
   if isinstance(value, (str, bytes, bool)) or not isinstance(
-      value, (numbers.Real, np.ndarray, np.generic, jax.Array)
+    value, (numbers.Real, np.ndarray, np.generic, jax.Array)
   ):
     raise TypeError(
-        f"{name} must be a number or a schedule (a callable of the step "
-        f"count), got {value!r} of type {type(value).__name__}"
+      f"{name} must be a number or a schedule (a callable of the step "
+      f"count), got {value!r} of type {type(value).__name__}"
     )
   shape = getattr(value, "shape", ())  # a Python number has none
   if shape != ():
@@ -94,8 +94,8 @@ def check_every_k(every_k: Any) -> int | None:
     raise TypeError(f"every_k must be an integer >= 1, got {every_k!r}") from None
   if k != every_k or k < 1:
     raise ValueError(
-        f"every_k must be an integer >= 1, got {every_k!r}; use every_k=1 to "
-        "compute the extra gradient on every step"
+      f"every_k must be an integer >= 1, got {every_k!r}; use every_k=1 to "
+      "compute the extra gradient on every step"
     )
   return k
 
@@ -104,35 +104,36 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
   """Raises a ValueError listing `choices` when `value` is not one of them."""
   if value not in choices:
     raise ValueError(
-        f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}"
+      f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}"
     )
 
 
 def check_same_tree(
-    name: str, tree: Any, params: Any, fix: str, *, dtypes: bool = True
+  name: str, tree: Any, params: Any, fix: str, *, dtypes: bool = True
 ) -> None:
   """Raises a ValueError when `tree` differs from `params` in structure, shape
   or (with `dtypes`) dtype; checked at trace time, free in the jitted step."""
   if not same_structure(tree, params):
     raise ValueError(
-        f"{name} returned a tree of another structure than params:\n"
-        f"  got     {jax.tree.structure(tree)}\n"
-        f"  params  {jax.tree.structure(params)}\n{fix}"
+      f"{name} returned a tree of another structure than params:\n"
+      f"  got     {jax.tree.structure(tree)}\n"
+      f"  params  {jax.tree.structure(params)}\n{fix}"
     )
   for (path, x), p in zip(
-      jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(params), strict=True
+    jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(params), strict=True
   ):
     dtype_differs = dtypes and jnp.result_type(x) != jnp.result_type(p)
     if jnp.shape(x) != jnp.shape(p) or dtype_differs:
       raise ValueError(
-          f"{name} returned {jnp.result_type(x).name}{list(jnp.shape(x))} at "
-          f"{jax.tree_util.keystr(path)}, where params has "
-          f"{jnp.result_type(p).name}{list(jnp.shape(p))}; {fix}"
+        f"{name} returned {jnp.result_type(x).name}{list(jnp.shape(x))} at "
+        f"{jax.tree_util.keystr(path)}, where params has "
+        f"{jnp.result_type(p).name}{list(jnp.shape(p))}; {fix}"
       )
 
 
 def masked_node_paths(tree: Any) -> list[str]:
   """Paths of the `optax.MaskedNode` leaves of `tree` (none outside `masked`)."""
+
   def is_masked(x):
     return isinstance(x, optax.MaskedNode)
 
@@ -152,49 +153,47 @@ def check_full_tree(name: str, tree: Any, what: str) -> None:
   if paths:
     shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
     raise ValueError(
-        f"{name} needs the full parameter tree, but its {what} has "
-        f"optax.MaskedNode leaves at {shown}: it is inside optax.masked or "
-        "optax.partition, which pass only part of the tree, while grad_fn "
-        "takes (and the perturbation moves) all of the parameters. Put "
-        f"{name} outside, first in the chain, and mask the base optimizer "
-        f"instead, e.g. optax.chain(gx.{name}(...), optax.masked(optax.sgd("
-        "0.1), mask))"
+      f"{name} needs the full parameter tree, but its {what} has "
+      f"optax.MaskedNode leaves at {shown}: it is inside optax.masked or "
+      "optax.partition, which pass only part of the tree, while grad_fn "
+      "takes (and the perturbation moves) all of the parameters. Put "
+      f"{name} outside, first in the chain, and mask the base optimizer "
+      f"instead, e.g. optax.chain(gx.{name}(...), optax.masked(optax.sgd("
+      "0.1), mask))"
     )
 
 
-def check_state_matches(
-    name: str, correction: Updates, params: Params
-) -> None:
+def check_state_matches(name: str, correction: Updates, params: Params) -> None:
   """Raises a ValueError when `params` is not the tree the state was built for.
 
   Only a state with an `every_k` cache records that tree; it is compared at
   trace time (free in the jitted step).
   """
   fix = (
-      "re-run tx.init(params) for these params (the state was built by "
-      "tx.init for another parameter tree, e.g. before the model changed), or "
-      "restore the optimizer state saved with them"
+    "re-run tx.init(params) for these params (the state was built by "
+    "tx.init for another parameter tree, e.g. before the model changed), or "
+    "restore the optimizer state saved with them"
   )
   if not same_structure(correction, params):
     raise ValueError(
-        f"{name}: params has another structure than the params the "
-        f"optimizer state (its every_k cache) was built for:\n"
-        f"  params  {jax.tree.structure(params)}\n"
-        f"  state   {jax.tree.structure(correction)}\n{fix}"
+      f"{name}: params has another structure than the params the "
+      f"optimizer state (its every_k cache) was built for:\n"
+      f"  params  {jax.tree.structure(params)}\n"
+      f"  state   {jax.tree.structure(correction)}\n{fix}"
     )
   for (path, c), p in zip(
-      jax.tree_util.tree_leaves_with_path(correction),
-      jax.tree.leaves(params),
-      strict=True,
+    jax.tree_util.tree_leaves_with_path(correction),
+    jax.tree.leaves(params),
+    strict=True,
   ):
     want = compute_dtype(jnp.result_type(p))
     if jnp.shape(c) != jnp.shape(p) or jnp.result_type(c) != want:
       raise ValueError(
-          f"{name}: params has {jnp.result_type(p).name}"
-          f"{list(jnp.shape(p))} at {jax.tree_util.keystr(path)}, where the "
-          f"optimizer state (its every_k cache) was built for "
-          f"{list(jnp.shape(c))} with compute dtype {jnp.result_type(c).name}; "
-          f"{fix}"
+        f"{name}: params has {jnp.result_type(p).name}"
+        f"{list(jnp.shape(p))} at {jax.tree_util.keystr(path)}, where the "
+        f"optimizer state (its every_k cache) was built for "
+        f"{list(jnp.shape(c))} with compute dtype {jnp.result_type(c).name}; "
+        f"{fix}"
       )
 
 
@@ -212,13 +211,13 @@ def check_not_reduced(name: str, axis_name: Any, updates: Updates) -> None:
   reduced = [x for x in jax.tree.leaves(updates) if not set(names) <= varying_axes(x)]
   if reduced:
     raise ValueError(
-        f"{name}(axis_name={axis_name!r}) got a gradient that does not vary over "
-        f"{axis_name!r}: inside shard_map(check_vma=True), jax.grad with respect "
-        "to replicated params already sums it over the axis, so there is no "
-        "local gradient to average or perturb with. Make the params vary "
-        f"before differentiating, p = jax.lax.pcast(params, {axis_name!r}, "
-        "to='varying'), or use shard_map(..., check_vma=False); under plain "
-        "jax.jit with sharded arrays, drop axis_name"
+      f"{name}(axis_name={axis_name!r}) got a gradient that does not vary over "
+      f"{axis_name!r}: inside shard_map(check_vma=True), jax.grad with respect "
+      "to replicated params already sums it over the axis, so there is no "
+      "local gradient to average or perturb with. Make the params vary "
+      f"before differentiating, p = jax.lax.pcast(params, {axis_name!r}, "
+      "to='varying'), or use shard_map(..., check_vma=False); under plain "
+      "jax.jit with sharded arrays, drop axis_name"
     )
 
 
@@ -242,10 +241,10 @@ def check_not_chained(name: str, updates: Updates) -> None:
   leaves = jax.tree.leaves(updates)[:1]
   if leaves and _OUTPUTS.get(id(leaves[0])) is leaves[0]:
     raise ValueError(
-        f"{name} got, as its gradient, the update of another second-gradient "
-        "transform: two of them are chained, e.g. optax.chain(gx.sam(...), "
-        "gx.finite_difference_gr(...), opt). The second one would perturb "
-        "along the first one's update and add its correction to it, which is "
-        "neither method. Use one second-gradient transform, first in the chain:"
-        f"\n    optax.chain(gx.{name}(...), optimizer)"
+      f"{name} got, as its gradient, the update of another second-gradient "
+      "transform: two of them are chained, e.g. optax.chain(gx.sam(...), "
+      "gx.finite_difference_gr(...), opt). The second one would perturb "
+      "along the first one's update and add its correction to it, which is "
+      "neither method. Use one second-gradient transform, first in the chain:"
+      f"\n    optax.chain(gx.{name}(...), optimizer)"
     )

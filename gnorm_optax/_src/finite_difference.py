@@ -40,27 +40,25 @@ def _gr_transformation(name, scheme, hyperparams, **kwargs):
   """`g + gamma * d` with `d ~= H @ g`: shared by both public transforms."""
 
   def correction_fn(probe, g_perturb, g, params, hp):
-    return hessian_direction(
-        probe, g_perturb, g, params, hp.get("epsilon"), scheme
-    )
+    return hessian_direction(probe, g_perturb, g, params, hp.get("epsilon"), scheme)
 
   def apply_fn(g, d, hp):
     return optax.tree.add_scale(g, hp["gamma"], d)
 
   return base.second_gradient_transformation(
-      name, correction_fn, apply_fn, hyperparams, **kwargs
+    name, correction_fn, apply_fn, hyperparams, **kwargs
   )
 
 
 def finite_difference_gr(
-    gamma: optax.ScalarOrSchedule,
-    epsilon: optax.ScalarOrSchedule,
-    *,
-    scheme: str = "forward",
-    every_k: int | jax.Array = 1,
-    axis_name: str | None = None,
-    sync_perturbation: bool = True,
-    perturb_dtype: Any = None,
+  gamma: optax.ScalarOrSchedule,
+  epsilon: optax.ScalarOrSchedule,
+  *,
+  scheme: str = "forward",
+  every_k: int | jax.Array = 1,
+  axis_name: str | None = None,
+  sync_perturbation: bool = True,
+  perturb_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Finite-difference gradient regularization (F-GR, B-GR, central).
 
@@ -127,30 +125,38 @@ def finite_difference_gr(
     Deep Learning: Efficient Finite-Difference Computation and Implicit Bias*,
     ICML 2023, https://arxiv.org/abs/2210.02720
   """
-  checks.check_scalar("gamma", gamma, minimum=0.0, fix="use gamma=0 for no penalty",
-                    owner="finite_difference_gr")
   checks.check_scalar(
-      "epsilon", epsilon, minimum=0.0, strict=True,
-      fix="the finite-difference step must be positive, e.g. epsilon=0.01",
-      owner="finite_difference_gr",
+    "gamma",
+    gamma,
+    minimum=0.0,
+    fix="use gamma=0 for no penalty",
+    owner="finite_difference_gr",
+  )
+  checks.check_scalar(
+    "epsilon",
+    epsilon,
+    minimum=0.0,
+    strict=True,
+    fix="the finite-difference step must be positive, e.g. epsilon=0.01",
+    owner="finite_difference_gr",
   )
   checks.check_choice("scheme", scheme, SCHEMES)
   return _gr_transformation(
-      "finite_difference_gr",
-      scheme,
-      dict(gamma=gamma, epsilon=epsilon),
-      every_k=every_k,
-      axis_name=axis_name,
-      sync_perturbation=sync_perturbation,
-      perturb_dtype=perturb_dtype,
+    "finite_difference_gr",
+    scheme,
+    dict(gamma=gamma, epsilon=epsilon),
+    every_k=every_k,
+    axis_name=axis_name,
+    sync_perturbation=sync_perturbation,
+    perturb_dtype=perturb_dtype,
   )
 
 
 def gradient_regularization(
-    gamma: optax.ScalarOrSchedule,
-    *,
-    every_k: int | jax.Array = 1,
-    axis_name: str | None = None,
+  gamma: optax.ScalarOrSchedule,
+  *,
+  every_k: int | jax.Array = 1,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Exact gradient regularization: `g + gamma * H @ g` by double backprop.
 
@@ -189,12 +195,17 @@ def gradient_regularization(
     Drucker and Le Cun, *Improving generalization performance using double
     backpropagation*, IEEE Trans. Neural Networks, 1992.
   """
-  checks.check_scalar("gamma", gamma, minimum=0.0, fix="use gamma=0 for no penalty",
-                    owner="gradient_regularization")
+  checks.check_scalar(
+    "gamma",
+    gamma,
+    minimum=0.0,
+    fix="use gamma=0 for no penalty",
+    owner="gradient_regularization",
+  )
   return _gr_transformation(
-      "gradient_regularization",
-      "exact",
-      dict(gamma=gamma),
-      every_k=every_k,
-      axis_name=axis_name,
+    "gradient_regularization",
+    "exact",
+    dict(gamma=gamma),
+    every_k=every_k,
+    axis_name=axis_name,
   )

@@ -61,8 +61,7 @@ def flooding(level: optax.ScalarOrSchedule) -> optax.GradientTransformationExtra
     del params, extra_args
     if value is None:
       raise ValueError(
-          "flooding needs the loss: pass tx.update(grads, state, params, "
-          "value=loss)"
+        "flooding needs the loss: pass tx.update(grads, state, params, value=loss)"
       )
     value = jnp.asarray(value)
     if value.ndim != 0:

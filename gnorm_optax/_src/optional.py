@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def missing_extra(
-    error: ModuleNotFoundError, *, module: str, extra: str
+  error: ModuleNotFoundError, *, module: str, extra: str
 ) -> ModuleNotFoundError:
   """Returns an error naming the extra to install for `module`.
 
@@ -26,7 +26,7 @@ def missing_extra(
   """
   missing = error.name or "a dependency"
   return ModuleNotFoundError(
-      f"{module} needs {missing!r}, which is not installed. Install it with "
-      f"pip install 'gnorm_optax[{extra}]'",
-      name=error.name,
+    f"{module} needs {missing!r}, which is not installed. Install it with "
+    f"pip install 'gnorm_optax[{extra}]'",
+    name=error.name,
   )

@@ -28,18 +28,23 @@ def _adaptive_scale(params: base.Params, eta, adaptive_mask) -> base.Updates:
     return t
   mask = adaptive_mask(params) if callable(adaptive_mask) else adaptive_mask
   try:
-    return jax.tree.map(
-        lambda m, ti: ti if m else jnp.ones_like(ti), mask, t)
+    return jax.tree.map(lambda m, ti: ti if m else jnp.ones_like(ti), mask, t)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        "adaptive_mask must be a tree of Python bools with the structure of "
-        "params (or a callable params -> such a tree), as optax.masked takes; "
-        f"{e}") from None
+      "adaptive_mask must be a tree of Python bools with the structure of "
+      "params (or a callable params -> such a tree), as optax.masked takes; "
+      f"{e}"
+    ) from None
 
 
 def _perturbation(
-    g: base.Updates, params: base.Params, rho, eps, adaptive: bool, eta,
-    adaptive_mask=None,
+  g: base.Updates,
+  params: base.Params,
+  rho,
+  eps,
+  adaptive: bool,
+  eta,
+  adaptive_mask=None,
 ) -> tuple[base.Updates, jax.Array]:
   """`rho * g / ||g||`, or ASAM's `rho * T^2 g / ||T g||` with `T = |theta| + eta`;
   and the norm it divides by."""
@@ -53,18 +58,18 @@ def _perturbation(
 
 
 def penalized_grad(
-    rho: optax.ScalarOrSchedule = 0.05,
-    alpha: optax.ScalarOrSchedule = 0.8,
-    *,
-    adaptive: bool = False,
-    eta: float = 0.01,
-    adaptive_mask: Any = None,
-    normalize_clean: bool = False,
-    every_k: int | jax.Array = 1,
-    axis_name: str | None = None,
-    sync_perturbation: bool = True,
-    perturb_dtype: Any = None,
-    eps: float = 1e-12,
+  rho: optax.ScalarOrSchedule = 0.05,
+  alpha: optax.ScalarOrSchedule = 0.8,
+  *,
+  adaptive: bool = False,
+  eta: float = 0.01,
+  adaptive_mask: Any = None,
+  normalize_clean: bool = False,
+  every_k: int | jax.Array = 1,
+  axis_name: str | None = None,
+  sync_perturbation: bool = True,
+  perturb_dtype: Any = None,
+  eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient-norm penalty (GNP): the gradient of `L + lambda * ||grad L||`.
 
@@ -156,23 +161,30 @@ def penalized_grad(
     Scale-Invariant Learning of Deep Neural Networks*, ICML 2021,
     https://arxiv.org/abs/2102.11600
   """
-  checks.check_scalar("rho", rho, minimum=0.0, fix="use rho=0 for no penalty",
-                    owner="penalized_grad")
+  checks.check_scalar(
+    "rho", rho, minimum=0.0, fix="use rho=0 for no penalty", owner="penalized_grad"
+  )
   checks.check_scalar("alpha", alpha, owner="penalized_grad")
   checks.check_scalar("eta", eta, minimum=0.0, owner="penalized_grad")
   checks.check_scalar("eps", eps, minimum=0.0, owner="penalized_grad")
   if adaptive_mask is not None and not adaptive:
     raise ValueError(
-        "adaptive_mask only applies to ASAM's step: pass adaptive=True with it, "
-        "or drop adaptive_mask")
+      "adaptive_mask only applies to ASAM's step: pass adaptive=True with it, "
+      "or drop adaptive_mask"
+    )
 
   def clean(g, hp):
     return _normalize(g, hp["eps"])[0] if normalize_clean else g
 
   def correction_fn(probe, g_perturb, g, params, hp):
     step, norm = _perturbation(
-        g_perturb, params, hp["rho"], hp["eps"], adaptive, hp["eta"],
-        adaptive_mask,
+      g_perturb,
+      params,
+      hp["rho"],
+      hp["eps"],
+      adaptive,
+      hp["eta"],
+      adaptive_mask,
     )
     probe.lost(jnp.isinf(norm))  # squares overflowed: the step is zero
     return jax.tree.map(jnp.subtract, probe(step), clean(g, hp))
@@ -181,29 +193,29 @@ def penalized_grad(
     return optax.tree.add_scale(clean(g, hp), hp["alpha"], d)
 
   return base.second_gradient_transformation(
-      "penalized_grad",
-      correction_fn,
-      apply_fn,
-      dict(rho=rho, alpha=alpha, eta=eta, eps=eps),
-      every_k=every_k,
-      axis_name=axis_name,
-      sync_perturbation=sync_perturbation,
-      perturb_dtype=perturb_dtype,
-      identity_at_zero=not normalize_clean,
+    "penalized_grad",
+    correction_fn,
+    apply_fn,
+    dict(rho=rho, alpha=alpha, eta=eta, eps=eps),
+    every_k=every_k,
+    axis_name=axis_name,
+    sync_perturbation=sync_perturbation,
+    perturb_dtype=perturb_dtype,
+    identity_at_zero=not normalize_clean,
   )
 
 
 def sam(
-    rho: optax.ScalarOrSchedule = 0.05,
-    *,
-    adaptive: bool = False,
-    eta: float = 0.01,
-    adaptive_mask: Any = None,
-    every_k: int | jax.Array = 1,
-    axis_name: str | None = None,
-    sync_perturbation: bool = True,
-    perturb_dtype: Any = None,
-    eps: float = 1e-12,
+  rho: optax.ScalarOrSchedule = 0.05,
+  *,
+  adaptive: bool = False,
+  eta: float = 0.01,
+  adaptive_mask: Any = None,
+  every_k: int | jax.Array = 1,
+  axis_name: str | None = None,
+  sync_perturbation: bool = True,
+  perturb_dtype: Any = None,
+  eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware minimization: the gradient at the adversarial point.
 
@@ -280,17 +292,18 @@ def sam(
     Zhao, Zhang, Hu, ICML 2022, https://arxiv.org/abs/2202.03599 (SAM as
     the alpha = 1 case of the gradient-norm penalty).
   """
-  checks.check_scalar("rho", rho, minimum=0.0, fix="use rho=0 for no penalty",
-                    owner="sam")
+  checks.check_scalar(
+    "rho", rho, minimum=0.0, fix="use rho=0 for no penalty", owner="sam"
+  )
   return penalized_grad(
-      rho,
-      1.0,
-      adaptive=adaptive,
-      eta=eta,
-      adaptive_mask=adaptive_mask,
-      every_k=every_k,
-      perturb_dtype=perturb_dtype,
-      axis_name=axis_name,
-      sync_perturbation=sync_perturbation,
-      eps=eps,
+    rho,
+    1.0,
+    adaptive=adaptive,
+    eta=eta,
+    adaptive_mask=adaptive_mask,
+    every_k=every_k,
+    perturb_dtype=perturb_dtype,
+    axis_name=axis_name,
+    sync_perturbation=sync_perturbation,
+    eps=eps,
   )

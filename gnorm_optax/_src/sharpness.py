@@ -18,9 +18,9 @@ from gnorm_optax._src.tree_math import upcast
 
 
 def hvp(
-    grad_fn: Callable[[base.Params], base.Updates],
-    params: base.Params,
-    vector: base.Updates,
+  grad_fn: Callable[[base.Params], base.Updates],
+  params: base.Params,
+  vector: base.Updates,
 ) -> base.Updates:
   r"""Hessian-vector product `H v` of the loss whose gradient is `grad_fn`.
 
@@ -53,8 +53,9 @@ def hvp(
     Computation 1994. Used by Karakida et al., ICML 2023,
     https://arxiv.org/abs/2210.02720 as the exact gradient-regularization term.
   """
-  checks.check_same_tree("vector", vector, params, "vector must be shaped like params",
-                       dtypes=False)
+  checks.check_same_tree(
+    "vector", vector, params, "vector must be shaped like params", dtypes=False
+  )
   # Inside shard_map the tangent must vary over the axes params vary over.
   tangent = match_varying(optax.tree.cast_like(vector, params), params)
   return jax.jvp(grad_fn, (params,), (tangent,))[1]
@@ -69,7 +70,7 @@ def _vdot(a: base.Updates, b: base.Updates) -> jax.Array:
 
 
 def _hessian_operator(
-    grad_fn: Callable[[base.Params], base.Updates], params: base.Params
+  grad_fn: Callable[[base.Params], base.Updates], params: base.Params
 ) -> Callable[[base.Updates], base.Updates]:
   """`v -> H v` in compute dtypes, `H` the real Hessian (complex leaves: 2 coords).
 
@@ -91,8 +92,10 @@ def _rademacher(key: jax.Array, shape, dtype, *, out_sharding=None):
   if not jnp.issubdtype(dtype, jnp.complexfloating):
     return jax.random.rademacher(key, shape, jnp.float32)
   k_re, k_im = jax.random.split(key)
-  return jax.lax.complex(jax.random.rademacher(k_re, shape, jnp.float32),
-                         jax.random.rademacher(k_im, shape, jnp.float32))
+  return jax.lax.complex(
+    jax.random.rademacher(k_re, shape, jnp.float32),
+    jax.random.rademacher(k_im, shape, jnp.float32),
+  )
 
 
 def _rademacher_like(key: jax.Array, params: base.Params) -> base.Updates:
@@ -126,19 +129,19 @@ def _check_lanczos_args(num_iters: int, tol: float) -> int:
   if int(num_iters) != num_iters or int(num_iters) < 1:
     raise ValueError(f"num_iters must be >= 1, got {num_iters}")
   if not isinstance(tol, jax.core.Tracer) and not (
-      np.ndim(tol) == 0 and np.isfinite(tol) and tol >= 0
+    np.ndim(tol) == 0 and np.isfinite(tol) and tol >= 0
   ):
     raise ValueError(f"tol must be a finite scalar >= 0, got {tol}")
   return int(num_iters)
 
 
 def _lanczos_top(
-    grad_fn: Callable[[base.Params], base.Updates],
-    params: base.Params,
-    key: jax.Array,
-    k: int,
-    num_iters: int,
-    tol: float,
+  grad_fn: Callable[[base.Params], base.Updates],
+  params: base.Params,
+  key: jax.Array,
+  k: int,
+  num_iters: int,
+  tol: float,
 ) -> tuple[jax.Array, EigenInfo]:
   """Top-`k` Ritz values (descending) of the Hessian by Lanczos, and the info.
 
@@ -155,29 +158,35 @@ def _lanczos_top(
     raise ValueError("params has no entries: the Hessian is empty")
   if int(k) != k or not 1 <= k <= min(num_iters, dim):
     raise ValueError(
-        f"k must be an integer in [1, {min(num_iters, dim)}], got {k}: at most "
-        f"num_iters = {num_iters} and the {dim} real parameters")
+      f"k must be an integer in [1, {min(num_iters, dim)}], got {k}: at most "
+      f"num_iters = {num_iters} and the {dim} real parameters"
+    )
   m = min(num_iters, dim)  # A Krylov space has at most `dim` dimensions.
   like = upcast(params)
   real_dtype = jnp.result_type(
-      *[jnp.finfo(x.dtype).dtype for x in jax.tree.leaves(like)])
+    *[jnp.finfo(x.dtype).dtype for x in jax.tree.leaves(like)]
+  )
   eps = jnp.finfo(real_dtype).eps
   hi = jax.lax.Precision.HIGHEST
   matvec = _hessian_operator(grad_fn, params)
 
   def coefficients(basis, w):  # <V_i, w> for every row i, shape (m,).
     return sum(
-        jnp.real(jnp.tensordot(jnp.conj(b), x, axes=x.ndim, precision=hi)).astype(
-            real_dtype)
-        for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w), strict=True))
+      jnp.real(jnp.tensordot(jnp.conj(b), x, axes=x.ndim, precision=hi)).astype(
+        real_dtype
+      )
+      for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w), strict=True)
+    )
 
   def orthogonalize(basis, w):  # Twice is enough (Giraud et al., 2005).
     total = jnp.zeros((m,), real_dtype)
     for _ in range(2):
       c = coefficients(basis, w)
       w = jax.tree.map(
-          lambda x, b, c=c: x - jnp.tensordot(c.astype(b.dtype), b, axes=1,
-                                              precision=hi), w, basis)
+        lambda x, b, c=c: x - jnp.tensordot(c.astype(b.dtype), b, axes=1, precision=hi),
+        w,
+        basis,
+      )
       total = total + c
     return w, total
 
@@ -190,7 +199,8 @@ def _lanczos_top(
     active = idx < d
     off = jnp.where(idx[:-1] < d - 1, beta[:-1], 0.0)
     lowest = jnp.min(jnp.where(active, alpha, jnp.inf)) - 2 * jnp.max(
-        jnp.abs(off), initial=0.0)
+      jnp.abs(off), initial=0.0
+    )
     diag = jnp.where(active, alpha, lowest - 1 - jnp.abs(lowest))
     t = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
     theta, s = jnp.linalg.eigh(t)  # Ascending; the padding comes first.
@@ -225,22 +235,31 @@ def _lanczos_top(
   v0 = normalized(optax.tree.random_like(key, like))
   basis = jax.tree.map(lambda x: jnp.zeros((m, *x.shape), x.dtype).at[0].set(x), v0)
   zeros = jnp.zeros((m,), real_dtype)
-  init = (jnp.zeros((), jnp.int32), basis, zeros, zeros, jnp.zeros((k,), real_dtype),
-          jnp.zeros((k,), real_dtype), jnp.asarray(False), jnp.asarray(False))
+  init = (
+    jnp.zeros((), jnp.int32),
+    basis,
+    zeros,
+    zeros,
+    jnp.zeros((k,), real_dtype),
+    jnp.zeros((k,), real_dtype),
+    jnp.asarray(False),
+    jnp.asarray(False),
+  )
   # Loop bodies are nested computations: keep their convolutions fast on CPU.
   steps, _, _, _, top, residual, converged, _ = jax.lax.while_loop(
-      lambda state: ~state[-1], canonical_conv.for_xla_cpu(body), init)
+    lambda state: ~state[-1], canonical_conv.for_xla_cpu(body), init
+  )
   return top, EigenInfo(converged=converged, residual=residual, num_iters=steps)
 
 
 def hessian_top_eigenvalue(
-    grad_fn: Callable[[base.Params], base.Updates],
-    params: base.Params,
-    *,
-    key: jax.Array,
-    num_iters: int = 30,
-    tol: float = 1e-3,
-    return_info: bool = False,
+  grad_fn: Callable[[base.Params], base.Updates],
+  params: base.Params,
+  *,
+  key: jax.Array,
+  num_iters: int = 30,
+  tol: float = 1e-3,
+  return_info: bool = False,
 ) -> jax.Array | tuple[jax.Array, EigenInfo]:
   r"""Largest (most positive) eigenvalue of the Hessian, by Lanczos.
 
@@ -355,14 +374,14 @@ def hessian_top_eigenvalue(
 
 
 def hessian_top_eigenvalues(
-    grad_fn: Callable[[base.Params], base.Updates],
-    params: base.Params,
-    *,
-    key: jax.Array,
-    k: int,
-    num_iters: int = 50,
-    tol: float = 1e-3,
-    return_info: bool = False,
+  grad_fn: Callable[[base.Params], base.Updates],
+  params: base.Params,
+  *,
+  key: jax.Array,
+  k: int,
+  num_iters: int = 50,
+  tol: float = 1e-3,
+  return_info: bool = False,
 ) -> jax.Array | tuple[jax.Array, EigenInfo]:
   r"""The `k` largest (most positive) eigenvalues of the Hessian, by Lanczos.
 
@@ -420,11 +439,11 @@ def hessian_top_eigenvalues(
 
 
 def hessian_trace(
-    grad_fn: Callable[[base.Params], base.Updates],
-    params: base.Params,
-    *,
-    key: jax.Array,
-    num_samples: int = 32,
+  grad_fn: Callable[[base.Params], base.Updates],
+  params: base.Params,
+  *,
+  key: jax.Array,
+  num_samples: int = 32,
 ) -> jax.Array:
   r"""Hutchinson's estimate of the Hessian trace.
 

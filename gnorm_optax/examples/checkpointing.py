@@ -51,9 +51,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
              for k in sorted({*old, *new}) if old.get(k) != new.get(k)]  # fmt: skip
     if diffs:
       parser.error(
-          f"argument --checkpoint-dir: {args.checkpoint_dir} holds a run with "
-          f"other arguments: {', '.join(diffs)}; use a new --checkpoint-dir or "
-          "delete the old one"
+        f"argument --checkpoint-dir: {args.checkpoint_dir} holds a run with "
+        f"other arguments: {', '.join(diffs)}; use a new --checkpoint-dir or "
+        "delete the old one"
       )
   return args
 

@@ -36,7 +36,7 @@ class Dataset(NamedTuple):
 
 
 def load_digits(
-    test_fraction: float = 0.25, label_noise: float = 0.0, seed: int = 0
+  test_fraction: float = 0.25, label_noise: float = 0.0, seed: int = 0
 ) -> Dataset:
   """Loads, shuffles and splits the digits data, corrupting training labels.
 
@@ -70,13 +70,13 @@ def load_digits(
   n_test = round(test_fraction * len(labels))
   test, train = order[:n_test], order[n_test:]
   y_train = corrupt_labels(
-      labels[train], label_noise, np.random.default_rng(noise_seed)
+    labels[train], label_noise, np.random.default_rng(noise_seed)
   )
   return Dataset(images[train], y_train, images[test], labels[test])
 
 
 def corrupt_labels(
-    labels: np.ndarray, fraction: float, rng: np.random.Generator
+  labels: np.ndarray, fraction: float, rng: np.random.Generator
 ) -> np.ndarray:
   """Replaces ``round(fraction * len(labels))`` labels by a different class.
 
@@ -101,7 +101,7 @@ def corrupt_labels(
 
 
 def iterate_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator
+  x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields one epoch of shuffled, full-size mini-batches.
 

@@ -31,7 +31,8 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gnorm_optax as gx
@@ -43,15 +44,15 @@ METHODS = ("sam", "sgd", "gnp")
 
 
 def make_optimizer(
-    method: str, lr: float, rho: float, momentum: float = 0.9
+  method: str, lr: float, rho: float, momentum: float = 0.9
 ) -> optax.GradientTransformationExtraArgs:
   """``chain(<gradient transform>, sgd)``: SAM, GNP (``alpha=0.8``) or plain SGD."""
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   first = {
-      "sam": lambda: gx.sam(rho),
-      "gnp": lambda: gx.penalized_grad(rho, alpha=0.8),
-      "sgd": optax.identity,
+    "sam": lambda: gx.sam(rho),
+    "gnp": lambda: gx.penalized_grad(rho, alpha=0.8),
+    "sgd": optax.identity,
   }[method]()
   return optax.chain(first, optax.sgd(lr, momentum=momentum))
 
@@ -63,7 +64,7 @@ def loss_fn(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
 
 @nnx.jit
 def train_step(
-    model: nnx.Module, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array
+  model: nnx.Module, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array
 ) -> jax.Array:
   """One step on a batch sharded over 'data'; the same code as on one device."""
   grad_fn = nnx_grad_fn(model, loss_fn, x, y)  # the gradient at other params
@@ -82,9 +83,9 @@ def check_batch_size(batch_size: int, num_devices: int) -> None:
   if batch_size < 1 or batch_size % num_devices:
     fit = max(num_devices, batch_size // num_devices * num_devices)
     raise ValueError(
-        f"--batch-size must be a positive multiple of the number of devices "
-        f"({num_devices}), so that every device gets the same share of the "
-        f"batch; got {batch_size}. Use e.g. --batch-size {fit}."
+      f"--batch-size must be a positive multiple of the number of devices "
+      f"({num_devices}), so that every device gets the same share of the "
+      f"batch; got {batch_size}. Use e.g. --batch-size {fit}."
     )
 
 
@@ -93,16 +94,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--method", choices=METHODS, default="sam")
   parser.add_argument("--epochs", type=int, default=10)
   parser.add_argument(
-      "--batch-size", type=int, default=128,
-      help="global batch size; must be divisible by the number of devices")
+    "--batch-size",
+    type=int,
+    default=128,
+    help="global batch size; must be divisible by the number of devices",
+  )
   parser.add_argument("--model", choices=("cnn", "mlp"), default="cnn")
   parser.add_argument("--lr", type=float, default=0.05)
   parser.add_argument("--rho", type=float, default=0.05)
   parser.add_argument("--label-noise", type=float, default=0.0)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
-      "--distributed", action="store_true",
-      help="call jax.distributed.initialize() first (one process per host)")
+    "--distributed",
+    action="store_true",
+    help="call jax.distributed.initialize() first (one process per host)",
+  )
   args = parser.parse_args(argv)
   if args.epochs < 1:
     parser.error(f"--epochs must be at least 1, got {args.epochs}")
@@ -119,16 +125,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
   batch_sharding = NamedSharding(mesh, P("data"))
   per_device = args.batch_size // len(devices)
   print(
-      f"devices: {len(devices)} x {devices[0].platform} "
-      f"({devices[0].device_kind}), {jax.process_count()} process(es); "
-      f"mesh {dict(mesh.shape)}; batch {args.batch_size} = "
-      f"{len(devices)} x {per_device} per device"
+    f"devices: {len(devices)} x {devices[0].platform} "
+    f"({devices[0].device_kind}), {jax.process_count()} process(es); "
+    f"mesh {dict(mesh.shape)}; batch {args.batch_size} = "
+    f"{len(devices)} x {per_device} per device"
   )
 
   ds = data.load_digits(label_noise=args.label_noise, seed=args.seed)
   model = make_model(args.model, args.seed, ds.x_train.shape[1:], data.NUM_CLASSES)
   optimizer = nnx.Optimizer(
-      model, make_optimizer(args.method, args.lr, args.rho), wrt=nnx.Param)
+    model, make_optimizer(args.method, args.lr, args.rho), wrt=nnx.Param
+  )
   # Replicate the parameters and the optimizer state on every device.
   state = jax.device_put(nnx.state((model, optimizer)), replicated)
   nnx.update((model, optimizer), state)
@@ -144,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     start = time.perf_counter()
     model.train()
     losses = [
-        train_step(model, optimizer, put(xb, batch_sharding), put(yb, batch_sharding))
-        for xb, yb in data.iterate_batches(ds.x_train, ds.y_train, args.batch_size, rng)
+      train_step(model, optimizer, put(xb, batch_sharding), put(yb, batch_sharding))
+      for xb, yb in data.iterate_batches(ds.x_train, ds.y_train, args.batch_size, rng)
     ]
     loss = float(np.mean(jax.device_get(losses)))
     seconds = time.perf_counter() - start
@@ -155,8 +162,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   correct = count_correct(model, put(ds.x_test, replicated), put(ds.y_test, replicated))
   accuracy = int(correct) / len(ds.y_test)
   sharding = jax.tree.leaves(nnx.state(model, nnx.Param))[0].sharding
-  print(f"parameters replicated on {len(sharding.device_set)} device(s): "
-        f"{sharding.is_fully_replicated}")
+  print(
+    f"parameters replicated on {len(sharding.device_set)} device(s): "
+    f"{sharding.is_fully_replicated}"
+  )
   print(f"test accuracy {accuracy:.4f}")
   return {"train_loss": loss, "test_accuracy": accuracy}
 

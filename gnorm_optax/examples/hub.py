@@ -28,16 +28,16 @@ from gnorm_optax.examples.data import corrupt_labels
 # name -> (Hub repository, image column); every one has a `label` column of
 # 10 classes and `train` (60k, 60k, 50k images) and `test` (10k) splits.
 HUB = {
-    "mnist": ("ylecun/mnist", "image"),
-    "fashion_mnist": ("zalando-datasets/fashion_mnist", "image"),
-    "cifar10": ("uoft-cs/cifar10", "img"),
+  "mnist": ("ylecun/mnist", "image"),
+  "fashion_mnist": ("zalando-datasets/fashion_mnist", "image"),
+  "cifar10": ("uoft-cs/cifar10", "img"),
 }
 IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1),
                 "cifar10": (32, 32, 3)}  # fmt: skip
 
 
 def load(
-    name: str, *, label_noise: float = 0.0, seed: int = 0, **load_kwargs: Any
+  name: str, *, label_noise: float = 0.0, seed: int = 0, **load_kwargs: Any
 ) -> Dataset:
   """Loads a Hub data set with its official split, noise on the train labels.
 
@@ -62,12 +62,12 @@ def load(
 
 
 def to_dataset(
-    dataset_dict: datasets.DatasetDict,
-    *,
-    image_column: str = "image",
-    label_column: str = "label",
-    label_noise: float = 0.0,
-    seed: int = 0,
+  dataset_dict: datasets.DatasetDict,
+  *,
+  image_column: str = "image",
+  label_column: str = "label",
+  label_noise: float = 0.0,
+  seed: int = 0,
 ) -> Dataset:
   """Converts the ``train`` and ``test`` splits of a ``DatasetDict``.
 

@@ -30,12 +30,12 @@ class MLP(nnx.Module):
   """Two-hidden-layer ReLU perceptron on flattened images."""
 
   def __init__(
-      self,
-      in_shape: Shape = IMAGE_SHAPE,
-      num_classes: int = NUM_CLASSES,
-      hidden: int = 64,
-      *,
-      rngs: nnx.Rngs,
+    self,
+    in_shape: Shape = IMAGE_SHAPE,
+    num_classes: int = NUM_CLASSES,
+    hidden: int = 64,
+    *,
+    rngs: nnx.Rngs,
   ):
     """Builds the layers; ``hidden`` is the width of both hidden layers."""
     self.hidden1 = nnx.Linear(math.prod(in_shape), hidden, rngs=rngs)
@@ -54,11 +54,11 @@ class CNN(nnx.Module):
   """Two 3x3 convolutions (16 and 32 channels), 2x2 average pool, linear head."""
 
   def __init__(
-      self,
-      in_shape: Shape = IMAGE_SHAPE,
-      num_classes: int = NUM_CLASSES,
-      *,
-      rngs: nnx.Rngs,
+    self,
+    in_shape: Shape = IMAGE_SHAPE,
+    num_classes: int = NUM_CLASSES,
+    *,
+    rngs: nnx.Rngs,
   ):
     """Builds the layers for images of ``in_shape`` (height, width, channels)."""
     height, width, channels = in_shape
@@ -88,11 +88,11 @@ class BasicBlock(nnx.Module):
     # A 1x1 projection where the shape changes, the identity elsewhere.
     project = stride != 1 or in_channels != channels
     self.shortcut = (
-        nnx.Sequential(
-            _conv(in_channels, channels, 1, stride, rngs), _batch_norm(channels, rngs)
-        )
-        if project
-        else None
+      nnx.Sequential(
+        _conv(in_channels, channels, 1, stride, rngs), _batch_norm(channels, rngs)
+      )
+      if project
+      else None
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -110,21 +110,23 @@ class ResNet(nnx.Module):
   """
 
   def __init__(
-      self,
-      in_shape: Shape = IMAGE_SHAPE,
-      num_classes: int = NUM_CLASSES,
-      stages: Sequence[int] = (16, 32, 64),
-      *,
-      rngs: nnx.Rngs,
+    self,
+    in_shape: Shape = IMAGE_SHAPE,
+    num_classes: int = NUM_CLASSES,
+    stages: Sequence[int] = (16, 32, 64),
+    *,
+    rngs: nnx.Rngs,
   ):
     """Builds the layers; ``stages`` are the channels of each stage."""
     self.stem = _conv(in_shape[-1], stages[0], 3, 1, rngs)
     self.stem_bn = _batch_norm(stages[0], rngs)
     in_channels = (stages[0],) + tuple(stages[:-1])
-    self.blocks = nnx.List([
+    self.blocks = nnx.List(
+      [
         BasicBlock(c_in, c_out, 1 if i == 0 else 2, rngs=rngs)
         for i, (c_in, c_out) in enumerate(zip(in_channels, stages, strict=True))
-    ])
+      ]
+    )
     self.head = nnx.Linear(stages[-1], num_classes, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -139,7 +141,7 @@ class EncoderBlock(nnx.Module):
   """Pre-norm transformer block: self-attention and a GELU MLP, both residual."""
 
   def __init__(
-      self, dim: int, num_heads: int, mlp_dim: int, dropout: float, *, rngs: nnx.Rngs
+    self, dim: int, num_heads: int, mlp_dim: int, dropout: float, *, rngs: nnx.Rngs
   ):
     """Builds the layers.
 
@@ -151,9 +153,7 @@ class EncoderBlock(nnx.Module):
       rngs: random streams for the initialisers and dropout.
     """
     self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attention = nnx.MultiHeadAttention(
-        num_heads, dim, decode=False, rngs=rngs
-    )
+    self.attention = nnx.MultiHeadAttention(num_heads, dim, decode=False, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
     self.mlp1 = nnx.Linear(dim, mlp_dim, rngs=rngs)
     self.mlp2 = nnx.Linear(mlp_dim, dim, rngs=rngs)
@@ -176,17 +176,17 @@ class ViT(nnx.Module):
   """
 
   def __init__(
-      self,
-      in_shape: Shape = IMAGE_SHAPE,
-      num_classes: int = NUM_CLASSES,
-      dim: int = 48,
-      depth: int = 2,
-      num_heads: int = 4,
-      mlp_dim: int = 96,
-      dropout: float = 0.1,
-      patch: int | None = None,
-      *,
-      rngs: nnx.Rngs,
+    self,
+    in_shape: Shape = IMAGE_SHAPE,
+    num_classes: int = NUM_CLASSES,
+    dim: int = 48,
+    depth: int = 2,
+    num_heads: int = 4,
+    mlp_dim: int = 96,
+    dropout: float = 0.1,
+    patch: int | None = None,
+    *,
+    rngs: nnx.Rngs,
   ):
     """Builds the layers.
 
@@ -208,7 +208,7 @@ class ViT(nnx.Module):
     patch = default_patch(in_shape) if patch is None else patch
     if height % patch or width % patch:
       raise ValueError(
-          f"patch must divide the image sides, got patch={patch} for {in_shape}"
+        f"patch must divide the image sides, got patch={patch} for {in_shape}"
       )
     self.embed = nnx.Conv(
         channels, dim, kernel_size=(patch, patch), strides=(patch, patch),
@@ -216,12 +216,11 @@ class ViT(nnx.Module):
     )  # fmt: skip
     num_tokens = (height // patch) * (width // patch)
     self.position = nnx.Param(
-        nnx.initializers.normal(0.02)(rngs.params(), (1, num_tokens, dim))
+      nnx.initializers.normal(0.02)(rngs.params(), (1, num_tokens, dim))
     )
-    self.blocks = nnx.List([
-        EncoderBlock(dim, num_heads, mlp_dim, dropout, rngs=rngs)
-        for _ in range(depth)
-    ])
+    self.blocks = nnx.List(
+      [EncoderBlock(dim, num_heads, mlp_dim, dropout, rngs=rngs) for _ in range(depth)]
+    )
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
     self.head = nnx.Linear(dim, num_classes, rngs=rngs)
 
@@ -251,18 +250,18 @@ def _batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
 
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
-    "mlp": MLP,
-    "cnn": CNN,
-    "resnet": ResNet,
-    "vit": ViT,
+  "mlp": MLP,
+  "cnn": CNN,
+  "resnet": ResNet,
+  "vit": ViT,
 }
 
 
 def make_model(
-    name: str,
-    seed: int = 0,
-    in_shape: Shape = IMAGE_SHAPE,
-    num_classes: int = NUM_CLASSES,
+  name: str,
+  seed: int = 0,
+  in_shape: Shape = IMAGE_SHAPE,
+  num_classes: int = NUM_CLASSES,
 ) -> nnx.Module:
   """Builds a registered model with freshly initialised weights.
 
@@ -284,4 +283,3 @@ def make_model(
 def count_params(model: nnx.Module) -> int:
   """Returns the number of scalar trainable parameters of ``model``."""
   return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-

@@ -56,9 +56,9 @@ def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], rule: str
 def build_parser() -> argparse.ArgumentParser:
   """Returns the command-line parser (``--help`` lists every flag)."""
   p = argparse.ArgumentParser(
-      prog="python -m gnorm_optax.examples.train",
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    prog="python -m gnorm_optax.examples.train",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   count = _checked(int, lambda v: v >= 1, "a positive integer")
   seed = _checked(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(
-    argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+  argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
 ) -> argparse.Namespace:
   """Parses the flags (``sys.argv[1:]`` when None), resolving ``--lr``.
 
@@ -109,6 +109,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.typing import ArrayLike  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import gnorm_optax as gx  # noqa: E402
@@ -129,22 +130,22 @@ def make_optimizer(
   schedule = optax.cosine_decay_schedule(lr, decay_steps=steps)
   sgd = optax.sgd(schedule, momentum=0.9)
   optimizers = {
-      "sgd": sgd,
-      "sam": optax.chain(gx.sam(rho), sgd),
-      "gnp": optax.chain(gx.penalized_grad(rho, alpha), sgd),
-      "fdgr": optax.chain(gx.finite_difference_gr(gamma, epsilon), sgd),
-      "bdgr": optax.chain(
-          gx.finite_difference_gr(gamma, epsilon, scheme="backward"), sgd
-      ),
-      "gr": optax.chain(gx.gradient_regularization(gamma), sgd),
-      "flooding": optax.chain(gx.flooding(flood_level), sgd),
-      "agr_adamw": gx.agr_adamw(schedule),
-      "agr_adan": gx.agr_adan(schedule),
+    "sgd": sgd,
+    "sam": optax.chain(gx.sam(rho), sgd),
+    "gnp": optax.chain(gx.penalized_grad(rho, alpha), sgd),
+    "fdgr": optax.chain(gx.finite_difference_gr(gamma, epsilon), sgd),
+    "bdgr": optax.chain(
+      gx.finite_difference_gr(gamma, epsilon, scheme="backward"), sgd
+    ),
+    "gr": optax.chain(gx.gradient_regularization(gamma), sgd),
+    "flooding": optax.chain(gx.flooding(flood_level), sgd),
+    "agr_adamw": gx.agr_adamw(schedule),
+    "agr_adan": gx.agr_adan(schedule),
   }
   return optimizers[method]
 
 
-def loss_fn(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+def loss_fn(model: nnx.Module, x: ArrayLike, y: ArrayLike) -> jax.Array:
   """Mean softmax cross-entropy of ``model`` on the batch ``(x, y)``."""
   logits = model(x)
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -152,7 +153,7 @@ def loss_fn(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
 
 @nnx.jit
 def train_step(
-    model: nnx.Module, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array
+  model: nnx.Module, optimizer: nnx.Optimizer, x: ArrayLike, y: ArrayLike
 ) -> jax.Array:
   """One optimizer step on ``(x, y)``, in place; returns the loss before it.
 
@@ -167,7 +168,7 @@ def train_step(
 
 
 @nnx.jit
-def _count_correct(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+def _count_correct(model: nnx.Module, x: ArrayLike, y: ArrayLike) -> jax.Array:
   return (model(x).argmax(axis=-1) == y).sum()
 
 
@@ -181,9 +182,9 @@ def evaluate(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 @nnx.jit(static_argnames="hessian_iters")
 def flatness(
-    model: nnx.Module, x: jax.Array, y: jax.Array, key: jax.Array,
+    model: nnx.Module, x: ArrayLike, y: ArrayLike, key: jax.Array,
     hessian_iters: int = 20,
-) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+) -> tuple[jax.Array, Any]:  # fmt: skip
   """Gradient norm and top Hessian eigenvalue of the full-batch loss on (x, y).
 
   Call it in evaluation mode (``model.eval()``: BatchNorm running statistics,
@@ -197,7 +198,7 @@ def flatness(
 
 
 def setup(
-    args: argparse.Namespace,
+  args: argparse.Namespace,
 ) -> tuple[data.Dataset, nnx.Module, nnx.Optimizer]:
   """The run's data (noisy training labels), fresh model and its optimizer."""
   if args.dataset == "digits":
@@ -231,8 +232,8 @@ def train_epoch(
       bar.update()
       if not math.isfinite(losses[-1]):
         raise SystemExit(
-            f"error: the training loss is {losses[-1]} at epoch {epoch}: the "
-            f"run diverged; try a lower --lr (now {args.lr})"
+          f"error: the training loss is {losses[-1]} at epoch {epoch}: the "
+          f"run diverged; try a lower --lr (now {args.lr})"
         )
     accuracy = evaluate(model, ds.x_test, ds.y_test)
     bar.set_postfix(loss=f"{np.mean(losses):.3f}", test_acc=f"{accuracy:.3f}")
@@ -246,16 +247,16 @@ def report(
   """Measures flatness on 512 training samples; prints and saves the results."""
   model.eval()
   probe = jax.device_get(
-      flatness(model, ds.x_train[:512], ds.y_train[:512], jax.random.key(args.seed))
+    flatness(model, ds.x_train[:512], ds.y_train[:512], jax.random.key(args.seed))
   )
   results = {
-      "args": {k: v for k, v in vars(args).items() if k != "output"},
-      **history,
-      "final_test_accuracy": history["test_accuracy"][-1],
-      "final_train_loss": history["train_loss"][-1],
-      "grad_norm": float(probe[0]),
-      "hessian_top_eigenvalue": float(probe[1]),
-      "wall_time_s": time.perf_counter() - start,
+    "args": {k: v for k, v in vars(args).items() if k != "output"},
+    **history,
+    "final_test_accuracy": history["test_accuracy"][-1],
+    "final_train_loss": history["train_loss"][-1],
+    "grad_norm": float(probe[0]),
+    "hessian_top_eigenvalue": float(probe[1]),
+    "wall_time_s": time.perf_counter() - start,
   }
   print(f"test accuracy {results['final_test_accuracy']:.3f} | final train loss "
         f"{results['final_train_loss']:.3f} | top Hessian eigenvalue "

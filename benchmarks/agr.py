@@ -37,8 +37,12 @@ import results_md  # noqa: E402
 
 SECTION = "## AGR vs AdamW and Adan"
 PAIRS = (("adamw", "agr_adamw"), ("adan", "agr_adan"))
-LABELS = {"adamw": "AdamW", "agr_adamw": "AGR-AdamW", "adan": "Adan",
-          "agr_adan": "AGR-Adan"}  # fmt: skip
+LABELS = {
+  "adamw": "AdamW",
+  "agr_adamw": "AGR-AdamW",
+  "adan": "Adan",
+  "agr_adan": "AGR-Adan",
+}
 TARGETS = (0.1, 0.03)
 BASE = harness.RunConfig(label_noise=0.0)
 
@@ -50,8 +54,8 @@ def speed(r):
   out = dict(r)
   for t in TARGETS:
     out[f"epoch_to_{t}"] = next(
-        (i + 1 for i, v in enumerate(r["train_loss"]) if v is not None and v < t),
-        None)  # fmt: skip
+      (i + 1 for i, v in enumerate(r["train_loss"]) if v is not None and v < t), None
+    )
     out[f"step_to_{t}"] = next(
       (i + per_epoch for i, v in enumerate(window) if v < t), None
     )
@@ -182,8 +186,11 @@ def main(argv=None):
       hessian_iters=3,
     )
     seeds = [0, 1]
-  runs = [(LABELS[m], dataclasses.replace(cfg, method=m, seed=s))
-          for s in seeds for m in methods]  # fmt: skip
+  runs = [
+    (LABELS[m], dataclasses.replace(cfg, method=m, seed=s))
+    for s in seeds
+    for m in methods
+  ]
   results = {
     (r["config"]["method"], r["config"]["seed"]): speed(r)
     for r in harness.run_all(runs, cache=args.cache)

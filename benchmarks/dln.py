@@ -259,13 +259,17 @@ FULL = Sweep(
 )
 # CI: every code path (tables, counterfactual, plot, writer) in seconds.
 SMALL = Sweep(
-    alphas=np.array([0.03, 0.3]),
-    configs=(("gd", 0.0, 0.0), ("exact", GAMMA, 0.0), ("forward", GAMMA, 0.1),
-             ("backward", GAMMA, 0.1)),
-    time=30.0,
-    lrs=(0.01, 0.005),
-    ref_alphas=np.geomspace(1e-2, 1.0, 5),
-)  # fmt: skip
+  alphas=np.array([0.03, 0.3]),
+  configs=(
+    ("gd", 0.0, 0.0),
+    ("exact", GAMMA, 0.0),
+    ("forward", GAMMA, 0.1),
+    ("backward", GAMMA, 0.1),
+  ),
+  time=30.0,
+  lrs=(0.01, 0.005),
+  ref_alphas=np.geomspace(1e-2, 1.0, 5),
+)
 
 
 def wide(rows, key, fmt, title):
@@ -438,9 +442,13 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   results_md.add_arguments(ap)
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--png", type=pathlib.Path, default=None,
-                  help="where the plot goes (default: benchmarks/dln.png, a "
-                  "temporary file with --small)")  # fmt: skip
+  ap.add_argument(
+    "--png",
+    type=pathlib.Path,
+    default=None,
+    help="where the plot goes (default: benchmarks/dln.png, a "
+    "temporary file with --small)",
+  )
   args = ap.parse_args(argv)
   record = results_md.start(args, argv)
   sweep = SMALL if args.small else FULL
@@ -456,11 +464,15 @@ def main(argv=None):
   body = full(x, y, beta_star, sweep, png)
   print(f"total {record.elapsed() / 60:.1f} min; plot in {png}")
   findings = "" if args.small else FINDINGS.strip() + "\n\n"
-  results_md.write(record, SECTION, (
+  results_md.write(
+    record,
+    SECTION,
+    (
       f"{describe(args.seed, sweep)}\n\n"
       f"![test error and l1 norm vs alpha]({png.name})\n\n"
       f"{findings}{body}"
-  ))  # fmt: skip
+    ),
+  )
 
 
 if __name__ == "__main__":

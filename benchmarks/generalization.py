@@ -74,8 +74,9 @@ METRICS = (
 )
 DEFAULT_METRICS = tuple(m for m in METRICS if m[1] != "grad_norm")
 # --small: a few hundred samples, two epochs, a short Lanczos run.
-SMALL = dict(model="mlp", epochs=2, train_size=200, test_size=200,
-             probe_size=128, hessian_iters=3)  # fmt: skip
+SMALL = dict(
+  model="mlp", epochs=2, train_size=200, test_size=200, probe_size=128, hessian_iters=3
+)
 SMALL_VARIANTS = ("SGD", "SAM (GNP alpha=1)", "GNP alpha=0.8", "F-GR (fdgr)")
 
 
@@ -91,9 +92,11 @@ def runs_for(
   for seed in seeds:
     for label, method, alpha in variants:
       changes: dict[str, Any] = {
-          "method": method, "seed": seed, "label_noise": noise,
-          "flood_level": FLOOD_LEVEL.get(noise, base.flood_level),
-      }  # fmt: skip
+        "method": method,
+        "seed": seed,
+        "label_noise": noise,
+        "flood_level": FLOOD_LEVEL.get(noise, base.flood_level),
+      }
       if alpha is not None:
         changes["alpha"] = alpha
       runs.append((label, dataclasses.replace(base, **changes)))
@@ -116,8 +119,13 @@ def table(
     The table's lines.
   """
   groups = harness.group(results)
-  head = ["method", *(t for t, _, _ in metrics), f"test acc − {reference} (paired)",
-          f"wins/ties/losses vs {reference}", "s / run"]  # fmt: skip
+  head = [
+    "method",
+    *(t for t, _, _ in metrics),
+    f"test acc − {reference} (paired)",
+    f"wins/ties/losses vs {reference}",
+    "s / run",
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for label, runs in groups.items():
     n = len(runs)
@@ -176,9 +184,12 @@ def plot(results: Sequence[dict[str, Any]], path: pathlib.Path, title: str) -> N
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   markers = "osD^v<>phX*"
   fig, (ax_eig, ax_acc, ax_curve) = plt.subplots(
-      1, 3, figsize=(15, 4.6), constrained_layout=True,
-      gridspec_kw={"width_ratios": [1, 1, 1.2]},
-  )  # fmt: skip
+    1,
+    3,
+    figsize=(15, 4.6),
+    constrained_layout=True,
+    gridspec_kw={"width_ratios": [1, 1, 1.2]},
+  )
   x = np.arange(len(labels))
   offsets = np.linspace(-0.2, 0.2, len(seeds)) if len(seeds) > 1 else [0.0]
   for i, label in enumerate(labels):
@@ -191,19 +202,32 @@ def plot(results: Sequence[dict[str, Any]], path: pathlib.Path, title: str) -> N
     for k, seed in enumerate(seeds):
       r = runs.get(seed)
       if r is not None and r["hessian_top_eigenvalue"] is not None:
-        ax_eig.plot(i + offsets[k], r["hessian_top_eigenvalue"], markers[k % 11],
-                    color=color, ms=6)  # fmt: skip
+        ax_eig.plot(
+          i + offsets[k],
+          r["hessian_top_eigenvalue"],
+          markers[k % 11],
+          color=color,
+          ms=6,
+        )
     accs = [r["final_test_accuracy"] for r in runs.values()]
     ax_acc.hlines(np.mean(accs), i - 0.3, i + 0.3, color=color, lw=3)
   for k, seed in enumerate(seeds):
-    acc = [harness.by_seed(groups[lb]).get(seed, {}).get("final_test_accuracy")
-           for lb in labels]  # fmt: skip
+    acc = [
+      harness.by_seed(groups[lb]).get(seed, {}).get("final_test_accuracy")
+      for lb in labels
+    ]
     acc = [np.nan if a is None else a for a in acc]
-    ax_acc.plot(x, acc, "-" + markers[k % 11], color="0.45", alpha=0.7, ms=5,
-                label=f"seed {seed}")  # fmt: skip
+    ax_acc.plot(
+      x, acc, "-" + markers[k % 11], color="0.45", alpha=0.7, ms=5, label=f"seed {seed}"
+    )
   for ax in (ax_eig, ax_acc):
-    ax.set_xticks(x, labels, rotation=25 if len(labels) > 3 else 0, ha="right"
-                  if len(labels) > 3 else "center", fontsize=8)  # fmt: skip
+    ax.set_xticks(
+      x,
+      labels,
+      rotation=25 if len(labels) > 3 else 0,
+      ha="right" if len(labels) > 3 else "center",
+      fontsize=8,
+    )
     ax.grid(axis="y", alpha=0.3)
   ax_eig.set_ylim(bottom=0)
   ax_eig.set_title("top Hessian eigenvalue (bar: mean, markers: seeds)")
@@ -238,19 +262,30 @@ def plot(results: Sequence[dict[str, Any]], path: pathlib.Path, title: str) -> N
   plt.close(fig)
 
 
-def save(results: Sequence[dict[str, Any]], out_dir: pathlib.Path, stem: str,
-         title: str, settings: dict[str, Any]) -> list[pathlib.Path]:  # fmt: skip
+def save(
+  results: Sequence[dict[str, Any]],
+  out_dir: pathlib.Path,
+  stem: str,
+  title: str,
+  settings: dict[str, Any],
+) -> list[pathlib.Path]:
   """Writes ``<stem>.json`` (settings, summary, every run) and ``<stem>.png``."""
   out_dir.mkdir(parents=True, exist_ok=True)
   json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
   groups = harness.group(results)
   summary = [
-      {"label": label, "seeds": [r["config"]["seed"] for r in runs],
-       **{k: harness.mean_std(r[k] for r in runs) for _, k, _ in METRICS},
-       **({} if label == "SGD" or "SGD" not in groups else
-          {"test_accuracy_minus_sgd_pt": harness.paired(runs, groups["SGD"])})}
-      for label, runs in groups.items()
-  ]  # fmt: skip
+    {
+      "label": label,
+      "seeds": [r["config"]["seed"] for r in runs],
+      **{k: harness.mean_std(r[k] for r in runs) for _, k, _ in METRICS},
+      **(
+        {}
+        if label == "SGD" or "SGD" not in groups
+        else {"test_accuracy_minus_sgd_pt": harness.paired(runs, groups["SGD"])}
+      ),
+    }
+    for label, runs in groups.items()
+  ]
   record = {"settings": settings, "summary": summary, "runs": list(results)}
   json_path.write_text(json.dumps(harness.finite_or_none(record), indent=1))
   plot(results, png_path, title)
@@ -269,14 +304,18 @@ def describe(base: harness.RunConfig, seeds: Sequence[int]) -> str:
 def main_default(args, base, seeds, record) -> list[dict[str, Any]]:
   """The README's comparison: SGD, SAM, GNP on 20% noisy labels."""
   print(f"{describe(base, seeds)}; 20% label noise", flush=True)
-  results = harness.run_all(runs_for(DEFAULT_VARIANTS, seeds, 0.2, base),
-                            cache=args.cache)  # fmt: skip
+  results = harness.run_all(
+    runs_for(DEFAULT_VARIANTS, seeds, 0.2, base), cache=args.cache
+  )
   print(table(results, DEFAULT_METRICS))
   title = f"20% label noise: {describe(base, seeds)}"
-  files = save(results, args.output_dir, f"{base.dataset}_{base.model}_sgd_sam_gnp",
-               title,
-               {"base": dataclasses.asdict(base), "seeds": list(seeds),
-                "label_noise": 0.2})  # fmt: skip
+  files = save(
+    results,
+    args.output_dir,
+    f"{base.dataset}_{base.model}_sgd_sam_gnp",
+    title,
+    {"base": dataclasses.asdict(base), "seeds": list(seeds), "label_noise": 0.2},
+  )
   print(f"total {record.elapsed():.1f} s; wrote " + " and ".join(map(str, files)))
   return results
 
@@ -293,17 +332,22 @@ def main_full(args, base, seeds, record) -> list[dict[str, Any]]:
   for noise in noises:
     per = [r for r in results if r["config"]["label_noise"] == noise]
     level = FLOOD_LEVEL.get(noise, base.flood_level)
-    blocks.append(f"### {noise:.0%} label noise (flooding level {level})\n\n"
-                  + table(per))  # fmt: skip
-    notes = pair_notes(per, [("GNP alpha=0.8", "SAM (GNP alpha=1)"),
-                             ("GNP alpha=0.5", "SAM (GNP alpha=1)")])  # fmt: skip
+    blocks.append(
+      f"### {noise:.0%} label noise (flooding level {level})\n\n" + table(per)
+    )
+    notes = pair_notes(
+      per,
+      [("GNP alpha=0.8", "SAM (GNP alpha=1)"), ("GNP alpha=0.5", "SAM (GNP alpha=1)")],
+    )
     if notes:
       blocks.append(notes)
-    save(per, args.output_dir,
-         f"{base.dataset}_{base.model}_sweep_noise{int(round(100 * noise))}",
-         f"{noise:.0%} label noise: {describe(base, seeds)}",
-         {"base": dataclasses.asdict(base), "seeds": list(seeds),
-          "label_noise": noise})  # fmt: skip
+    save(
+      per,
+      args.output_dir,
+      f"{base.dataset}_{base.model}_sweep_noise{int(round(100 * noise))}",
+      f"{noise:.0%} label noise: {describe(base, seeds)}",
+      {"base": dataclasses.asdict(base), "seeds": list(seeds), "label_noise": noise},
+    )
   text = "\n\n".join(blocks)
   print(text)
   n_test = results[0]["num_test"]
@@ -334,28 +378,43 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """Command line; returns the runs' results."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   results_md.add_arguments(parser)
-  parser.add_argument("--full", action="store_true",
-                      help="the RESULTS.md sweep: 8 variants, 0%% and 20%% noise, "
-                      "seeds 0-4")  # fmt: skip
+  parser.add_argument(
+    "--full",
+    action="store_true",
+    help="the RESULTS.md sweep: 8 variants, 0%% and 20%% noise, seeds 0-4",
+  )
   parser.add_argument(
     "--seeds", default=None, help="comma-separated seeds (default: 0,1,2; --full: 0-4)"
   )
-  parser.add_argument("--epochs", type=int, default=BASE.epochs,
-                      help="epochs per run (default: %(default)s)")  # fmt: skip
-  parser.add_argument("--dataset", default=BASE.dataset,
-                      choices=sorted(harness.DATASETS),
-                      help="data set (default: %(default)s)")  # fmt: skip
-  parser.add_argument("--model", default=BASE.model,
-                      help="a model of gnorm_optax.examples.models (default: "
-                      "%(default)s)")  # fmt: skip
+  parser.add_argument(
+    "--epochs",
+    type=int,
+    default=BASE.epochs,
+    help="epochs per run (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--dataset",
+    default=BASE.dataset,
+    choices=sorted(harness.DATASETS),
+    help="data set (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--model",
+    default=BASE.model,
+    help="a model of gnorm_optax.examples.models (default: %(default)s)",
+  )
   parser.add_argument(
     "--noise",
     default="0.0,0.2",
     help="--full: label-noise levels (default: %(default)s)",
   )
-  parser.add_argument("--output-dir", type=pathlib.Path, default=None,
-                      help="JSON and PNG go here (default: runs/generalization/, "
-                      "a temporary folder with --small)")  # fmt: skip
+  parser.add_argument(
+    "--output-dir",
+    type=pathlib.Path,
+    default=None,
+    help="JSON and PNG go here (default: runs/generalization/, "
+    "a temporary folder with --small)",
+  )
   parser.add_argument(
     "--cache",
     type=pathlib.Path,
@@ -364,8 +423,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   )
   args = parser.parse_args(argv)
   record = results_md.start(args, argv)
-  base = dataclasses.replace(BASE, epochs=args.epochs, dataset=args.dataset,
-                             model=args.model)  # fmt: skip
+  base = dataclasses.replace(
+    BASE, epochs=args.epochs, dataset=args.dataset, model=args.model
+  )
   seeds = [0, 1, 2, 3, 4] if args.full else [0, 1, 2]
   if args.seeds:
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -240,9 +240,13 @@ def _flatness(model, x, y, key, num_iters):
 
 
 def flatness(
-    model: nnx.Module, x: np.ndarray, y: np.ndarray, *, key: jax.Array,
-    hessian_iters: int,
-) -> dict[str, float | None]:  # fmt: skip
+  model: nnx.Module,
+  x: np.ndarray,
+  y: np.ndarray,
+  *,
+  key: jax.Array,
+  hessian_iters: int,
+) -> dict[str, float | None]:
   """Full-batch gradient norm and top Hessian eigenvalue of the loss on ``(x, y)``.
 
   The model is in evaluation mode, so the loss is a deterministic function of
@@ -276,9 +280,11 @@ def load(config: RunConfig) -> data.Dataset:
     )
   ds = DATASETS[config.dataset].load(config.label_noise, config.seed)
   return data.Dataset(
-      ds.x_train[: config.train_size], ds.y_train[: config.train_size],
-      ds.x_test[: config.test_size], ds.y_test[: config.test_size],
-  )  # fmt: skip
+    ds.x_train[: config.train_size],
+    ds.y_train[: config.train_size],
+    ds.x_test[: config.test_size],
+    ds.y_test[: config.test_size],
+  )
 
 
 def _params_finite(model: nnx.Module) -> bool:
@@ -319,14 +325,22 @@ def train(
     )
   per_epoch = len(ds.x_train) // config.batch_size
   model = models.make_model(
-      config.model, config.seed, ds.x_train.shape[1:],
-      DATASETS[config.dataset].num_classes,
-  )  # fmt: skip
+    config.model,
+    config.seed,
+    ds.x_train.shape[1:],
+    DATASETS[config.dataset].num_classes,
+  )
   tx = make_optimizer(
-      config.method, config.lr, config.epochs * per_epoch,
-      momentum=config.momentum, rho=config.rho, alpha=config.alpha,
-      gamma=config.gamma, epsilon=config.epsilon, flood_level=config.flood_level,
-  )  # fmt: skip
+    config.method,
+    config.lr,
+    config.epochs * per_epoch,
+    momentum=config.momentum,
+    rho=config.rho,
+    alpha=config.alpha,
+    gamma=config.gamma,
+    epsilon=config.epsilon,
+    flood_level=config.flood_level,
+  )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   batch_rng = np.random.default_rng(config.seed)
   step_loss, train_loss, test_accuracy = [], [], []
@@ -350,9 +364,12 @@ def train(
       break
   probe = slice(0, 0 if diverged_epoch else config.probe_size)
   diagnostics = flatness(
-      model, ds.x_train[probe], ds.y_train[probe],
-      key=jax.random.key(config.seed), hessian_iters=config.hessian_iters,
-  )  # fmt: skip
+    model,
+    ds.x_train[probe],
+    ds.y_train[probe],
+    key=jax.random.key(config.seed),
+    hessian_iters=config.hessian_iters,
+  )
   return finite_or_none(
     {
       "config": dataclasses.asdict(config),
@@ -491,10 +508,11 @@ def paired(
   ra, rb = by_seed(a), by_seed(b)
   seeds = [s for s in ra if s in rb]
   diffs = [
-      None if ra[s][key] is None or rb[s][key] is None
-      else scale * (ra[s][key] - rb[s][key])
-      for s in seeds
-  ]  # fmt: skip
+    None
+    if ra[s][key] is None or rb[s][key] is None
+    else scale * (ra[s][key] - rb[s][key])
+    for s in seeds
+  ]
   d = np.array([x for x in diffs if x is not None])
   return {
     "seeds": seeds,

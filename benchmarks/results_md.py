@@ -54,15 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser: the script's parser.
   """
   parser.add_argument(
-      "--small", action="store_true",
-      help="CI: a seconds-long run through every code path; writes its section "
-      "to a temporary results file (printed) unless --results is given",
-  )  # fmt: skip
+    "--small",
+    action="store_true",
+    help="CI: a seconds-long run through every code path; writes its section "
+    "to a temporary results file (printed) unless --results is given",
+  )
   parser.add_argument(
-      "--results", type=pathlib.Path, default=None, metavar="PATH",
-      help=f"results file to write (default: {PATH.relative_to(ROOT)}, or a "
-      "temporary file with --small)",
-  )  # fmt: skip
+    "--results",
+    type=pathlib.Path,
+    default=None,
+    metavar="PATH",
+    help=f"results file to write (default: {PATH.relative_to(ROOT)}, or a "
+    "temporary file with --small)",
+  )
 
 
 def results_path(args: argparse.Namespace) -> pathlib.Path:
@@ -148,8 +152,9 @@ def git_commit() -> str:
   """``git rev-parse --short HEAD``, plus `` + uncommitted changes`` if any."""
 
   def git(*cmd: str) -> str:
-    out = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True,
-                         check=True)  # fmt: skip
+    out = subprocess.run(
+      ["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     return out.stdout.strip()
 
   try:
@@ -201,8 +206,9 @@ def provenance(record: Record, device_text: str | None = None) -> str:
   )
 
 
-def write(record: Record, title: str, body: str, device_text: str | None = None
-          ) -> pathlib.Path:  # fmt: skip
+def write(
+  record: Record, title: str, body: str, device_text: str | None = None
+) -> pathlib.Path:
   """Writes ``title``, the provenance line and ``body`` as one section.
 
   Args:

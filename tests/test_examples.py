@@ -34,8 +34,9 @@ def _params(model: nnx.Module) -> list[np.ndarray]:
 
 def _non_params(model: nnx.Module) -> list[np.ndarray]:
   state = jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param))))
-  return [np.asarray(jax.random.key_data(x) if checkpointing._is_key(x) else x)
-          for x in state]  # fmt: skip
+  return [
+    np.asarray(jax.random.key_data(x) if checkpointing._is_key(x) else x) for x in state
+  ]
 
 
 # ----------------------------------------------------------------------------
@@ -189,9 +190,10 @@ def test_train_step_matches_a_pure_optax_sam_step():
   expected = reference_step(params)
   train.train_step(model, nnx.Optimizer(model, tx, wrt=nnx.Param), x, y)
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-      nnx.as_pure(nnx.state(model, nnx.Param)), expected,
-  )  # fmt: skip
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    nnx.as_pure(nnx.state(model, nnx.Param)),
+    expected,
+  )
 
 
 @pytest.mark.parametrize("name", models.MODELS)
@@ -241,8 +243,17 @@ SHORT = ["--model", "mlp", "--method", "sgd", "--batch-size", "256"]
 
 def test_main_trains_prints_and_writes_the_summary(tmp_path, capsys):
   out = tmp_path / "run.json"
-  argv = [*SHORT, "--epochs", "4", "--lr", "0.2", "--label-noise", "0",
-          "--output", str(out)]  # fmt: skip
+  argv = [
+    *SHORT,
+    "--epochs",
+    "4",
+    "--lr",
+    "0.2",
+    "--label-noise",
+    "0",
+    "--output",
+    str(out),
+  ]
   results = train.main(argv)
   printed = capsys.readouterr().out
   assert len(results["train_loss"]) == len(results["test_accuracy"]) == 4
@@ -257,9 +268,19 @@ def test_main_trains_prints_and_writes_the_summary(tmp_path, capsys):
 
 def test_defaults_are_sam_on_noisy_digits():
   args = vars(train.parse_args([]))
-  assert args == dict(method="sam", model="cnn", dataset="digits", seed=0,
-                      epochs=60, batch_size=64, lr=0.02, label_noise=0.2,
-                      rho=0.15, alpha=0.8, output=None)  # fmt: skip
+  assert args == dict(
+    method="sam",
+    model="cnn",
+    dataset="digits",
+    seed=0,
+    epochs=60,
+    batch_size=64,
+    lr=0.02,
+    label_noise=0.2,
+    rho=0.15,
+    alpha=0.8,
+    output=None,
+  )
   assert train.parse_args(["--method", "agr_adan"]).lr == 3e-3
 
 
@@ -315,8 +336,9 @@ def test_flags_are_parsed_before_the_heavy_imports():
     "except SystemExit as e:\n"
     "  print(e.code, 'flax' in sys.modules, 'sklearn' in sys.modules)\n"
   )
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                        text=True, timeout=120)  # fmt: skip
+  proc = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+  )
   assert proc.stdout.split() == ["2", "False", "False"], proc.stderr[-2000:]
   assert "argument --lr: must be a finite number > 0, got nan" in proc.stderr
 
@@ -359,10 +381,18 @@ def resumed(tmp_path_factory):
   finally:
     train.train_epoch = real_epoch
   proc = subprocess.run(
-      [sys.executable, "-m", "gnorm_optax.examples.checkpointing", *argv,
-       "--output", str(tmp / "resumed.json")],
-      capture_output=True, text=True, timeout=300,
-  )  # fmt: skip
+    [
+      sys.executable,
+      "-m",
+      "gnorm_optax.examples.checkpointing",
+      *argv,
+      "--output",
+      str(tmp / "resumed.json"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "resumed after epoch 2" in proc.stdout
   return argv, json.loads((tmp / "resumed.json").read_text())

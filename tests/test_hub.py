@@ -41,8 +41,12 @@ def _fixture(name, seed=0):
   rng = np.random.default_rng(seed)
   train, x_train, y_train = _split(N_TRAIN, hub.IMAGE_SHAPES[name], rng, image_column)
   test, x_test, y_test = _split(N_TEST, hub.IMAGE_SHAPES[name], rng, image_column)
-  return datasets.DatasetDict({"train": train, "test": test}), (x_train, y_train,
-                                                                x_test, y_test)  # fmt: skip
+  return datasets.DatasetDict({"train": train, "test": test}), (
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+  )
 
 
 @pytest.mark.parametrize("name", list(hub.HUB))

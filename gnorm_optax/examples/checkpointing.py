@@ -40,15 +40,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
   """
   parser = train.build_parser()
   parser.prog = "python -m gnorm_optax.examples.checkpointing"
-  parser.add_argument("--checkpoint-dir", required=True, type=pathlib.Path,
-                      help="save there every epoch; resume from there")  # fmt: skip
+  parser.add_argument(
+    "--checkpoint-dir",
+    required=True,
+    type=pathlib.Path,
+    help="save there every epoch; resume from there",
+  )
   args = train.parse_args(argv, parser)
   args.checkpoint_dir = args.checkpoint_dir.absolute()  # orbax wants it absolute
   record = args.checkpoint_dir / ARGS_FILE
   if record.exists():
     old, new = json.loads(record.read_text()), _recorded(args)
-    diffs = [f"--{k.replace('_', '-')} {old.get(k)} (now {new.get(k)})"
-             for k in sorted({*old, *new}) if old.get(k) != new.get(k)]  # fmt: skip
+    diffs = [
+      f"--{k.replace('_', '-')} {old.get(k)} (now {new.get(k)})"
+      for k in sorted({*old, *new})
+      if old.get(k) != new.get(k)
+    ]
     if diffs:
       parser.error(
         f"argument --checkpoint-dir: {args.checkpoint_dir} holds a run with "
@@ -76,24 +83,33 @@ def _arrays(model: nnx.Module, optimizer: nnx.Optimizer) -> Any:
 def save(mngr, epoch, model, optimizer, rng, history) -> None:
   """Saves everything the run needs to continue after ``epoch``."""
   meta = {"rng": rng.bit_generator.state, "history": history}
-  mngr.save(epoch, args=ocp.args.Composite(
+  mngr.save(
+    epoch,
+    args=ocp.args.Composite(
       state=ocp.args.StandardSave(_arrays(model, optimizer)),
       meta=ocp.args.JsonSave(meta),
-  ))  # fmt: skip
+    ),
+  )
 
 
 def restore(mngr, model, optimizer, rng) -> tuple[int, dict[str, list[float]]]:
   """Restores the latest checkpoint in place; returns its epoch and history."""
   epoch = mngr.latest_step()
   like = nnx.as_pure({"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
-  restored = mngr.restore(epoch, args=ocp.args.Composite(
+  restored = mngr.restore(
+    epoch,
+    args=ocp.args.Composite(
       state=ocp.args.StandardRestore(_arrays(model, optimizer)),
       meta=ocp.args.JsonRestore(),
-  ))  # fmt: skip
+    ),
+  )
   state = jax.tree.map(
-      lambda v, x: jax.random.wrap_key_data(v, impl=jax.random.key_impl(x))
-      if _is_key(x) else v, restored["state"], like,
-  )  # fmt: skip
+    lambda v, x: (
+      jax.random.wrap_key_data(v, impl=jax.random.key_impl(x)) if _is_key(x) else v
+    ),
+    restored["state"],
+    like,
+  )
   nnx.update(model, state["model"])
   nnx.update(optimizer, state["optimizer"])
   rng.bit_generator.state = restored["meta"]["rng"]

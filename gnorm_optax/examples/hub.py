@@ -32,8 +32,11 @@ HUB = {
   "fashion_mnist": ("zalando-datasets/fashion_mnist", "image"),
   "cifar10": ("uoft-cs/cifar10", "img"),
 }
-IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1),
-                "cifar10": (32, 32, 3)}  # fmt: skip
+IMAGE_SHAPES = {
+  "mnist": (28, 28, 1),
+  "fashion_mnist": (28, 28, 1),
+  "cifar10": (32, 32, 3),
+}
 
 
 def load(
@@ -57,8 +60,9 @@ def load(
     raise ValueError(f"unknown data set {name!r}; choose from {sorted(HUB)}")
   repo, image_column = HUB[name]
   dataset_dict = datasets.load_dataset(repo, **load_kwargs)
-  return to_dataset(dataset_dict, image_column=image_column,
-                    label_noise=label_noise, seed=seed)  # fmt: skip
+  return to_dataset(
+    dataset_dict, image_column=image_column, label_noise=label_noise, seed=seed
+  )
 
 
 def to_dataset(

@@ -211,9 +211,13 @@ class ViT(nnx.Module):
         f"patch must divide the image sides, got patch={patch} for {in_shape}"
       )
     self.embed = nnx.Conv(
-        channels, dim, kernel_size=(patch, patch), strides=(patch, patch),
-        padding="VALID", rngs=rngs,
-    )  # fmt: skip
+      channels,
+      dim,
+      kernel_size=(patch, patch),
+      strides=(patch, patch),
+      padding="VALID",
+      rngs=rngs,
+    )
     num_tokens = (height // patch) * (width // patch)
     self.position = nnx.Param(
       nnx.initializers.normal(0.02)(rngs.params(), (1, num_tokens, dim))
@@ -240,9 +244,13 @@ def default_patch(in_shape: Shape) -> int:
 
 def _conv(in_channels: int, channels: int, size: int, stride: int, rngs: nnx.Rngs):
   return nnx.Conv(
-      in_channels, channels, kernel_size=(size, size), strides=(stride, stride),
-      use_bias=False, rngs=rngs,
-  )  # fmt: skip
+    in_channels,
+    channels,
+    kernel_size=(size, size),
+    strides=(stride, stride),
+    use_bias=False,
+    rngs=rngs,
+  )
 
 
 def _batch_norm(channels: int, rngs: nnx.Rngs) -> nnx.BatchNorm:

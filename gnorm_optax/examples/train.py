@@ -29,8 +29,12 @@ from typing import Any
 METHODS = tuple("sgd sam gnp fdgr bdgr gr flooding agr_adamw agr_adan".split())
 MODELS = ("mlp", "cnn", "resnet", "vit")  # the keys of models.MODELS
 # Training samples per data set; all but digits come from the `hub` extra.
-TRAIN_SIZES = {"digits": 1348, "mnist": 60_000, "fashion_mnist": 60_000,
-               "cifar10": 50_000}  # fmt: skip
+TRAIN_SIZES = {
+  "digits": 1348,
+  "mnist": 60_000,
+  "fashion_mnist": 60_000,
+  "cifar10": 50_000,
+}
 
 
 def default_lr(method: str) -> float:
@@ -69,13 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
   add = p.add_argument
   add("--method", default="sam", choices=METHODS, help="the optimizer")
   add("--model", default="cnn", choices=MODELS, help="the architecture")
-  add("--dataset", default="digits", choices=TRAIN_SIZES,
-      help="all but digits need the hub extra")  # fmt: skip
+  add(
+    "--dataset",
+    default="digits",
+    choices=TRAIN_SIZES,
+    help="all but digits need the hub extra",
+  )
   add("--seed", type=seed, default=0, help="split, noise, weights, batch order")
   add("--epochs", type=count, default=60, help="passes over the training set")
   add("--batch-size", type=count, default=64, help="samples per step")
-  add("--lr", type=positive, default=argparse.SUPPRESS,
-      help="peak learning rate (default: 0.02; agr_*: 3e-3)")  # fmt: skip
+  add(
+    "--lr",
+    type=positive,
+    default=argparse.SUPPRESS,
+    help="peak learning rate (default: 0.02; agr_*: 3e-3)",
+  )
   add("--label-noise", type=fraction, default=0.2, help="fraction of wrong labels")
   add("--rho", type=nonneg, default=0.15, help="perturbation radius (sam, gnp)")
   add("--alpha", type=finite, default=0.8, help="gnp's mix of clean and perturbed")
@@ -95,8 +107,10 @@ def parse_args(
   parser = build_parser() if parser is None else parser
   args = parser.parse_args(argv)
   if args.batch_size > (n := TRAIN_SIZES[args.dataset]):
-    parser.error(f"argument --batch-size: must be at most {n}, the training "
-                 f"samples of {args.dataset}, got {args.batch_size}")  # fmt: skip
+    parser.error(
+      f"argument --batch-size: must be at most {n}, the training "
+      f"samples of {args.dataset}, got {args.batch_size}"
+    )
   if "lr" not in args:
     args.lr = default_lr(args.method)
   return args
@@ -119,9 +133,16 @@ from gnorm_optax.flax import nnx_grad_fn  # noqa: E402
 
 
 def make_optimizer(
-    method: str, lr: float, steps: int, *, rho: float = 0.15, alpha: float = 0.8,
-    gamma: float = 0.05, epsilon: float = 0.01, flood_level: float = 1.0,
-) -> optax.GradientTransformationExtraArgs:  # fmt: skip
+  method: str,
+  lr: float,
+  steps: int,
+  *,
+  rho: float = 0.15,
+  alpha: float = 0.8,
+  gamma: float = 0.05,
+  epsilon: float = 0.01,
+  flood_level: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
   """The optimizer of ``method``, learning rate cosine-decayed from ``lr``.
 
   Gradient transforms go in front of SGD with momentum. ``flood_level=1.0``
@@ -176,15 +197,19 @@ def evaluate(model: nnx.Module, x: np.ndarray, y: np.ndarray) -> float:
   """Accuracy of ``model`` on ``(x, y)``, in chunks of 1000; leaves eval mode."""
   model.eval()
   chunks = range(0, len(y), 1000)
-  return sum(int(_count_correct(model, x[i:i + 1000], y[i:i + 1000]))
-             for i in chunks) / len(y)  # fmt: skip
+  return sum(
+    int(_count_correct(model, x[i : i + 1000], y[i : i + 1000])) for i in chunks
+  ) / len(y)
 
 
 @nnx.jit(static_argnames="hessian_iters")
 def flatness(
-    model: nnx.Module, x: ArrayLike, y: ArrayLike, key: jax.Array,
-    hessian_iters: int = 20,
-) -> tuple[jax.Array, Any]:  # fmt: skip
+  model: nnx.Module,
+  x: ArrayLike,
+  y: ArrayLike,
+  key: jax.Array,
+  hessian_iters: int = 20,
+) -> tuple[jax.Array, Any]:
   """Gradient norm and top Hessian eigenvalue of the full-batch loss on (x, y).
 
   Call it in evaluation mode (``model.eval()``: BatchNorm running statistics,
@@ -214,9 +239,13 @@ def setup(
 
 
 def train_epoch(
-    model: nnx.Module, optimizer: nnx.Optimizer, ds: data.Dataset,
-    args: argparse.Namespace, rng: np.random.Generator, epoch: int,
-) -> tuple[float, float]:  # fmt: skip
+  model: nnx.Module,
+  optimizer: nnx.Optimizer,
+  ds: data.Dataset,
+  args: argparse.Namespace,
+  rng: np.random.Generator,
+  epoch: int,
+) -> tuple[float, float]:
   """Trains one epoch with a progress bar; stops the run on a non-finite loss.
 
   Returns:
@@ -225,8 +254,11 @@ def train_epoch(
   model.train()
   batches = data.iterate_batches(ds.x_train, ds.y_train, args.batch_size, rng)
   losses = []
-  with tqdm(total=len(ds.x_train) // args.batch_size, unit="step",
-            desc=f"epoch {epoch}/{args.epochs}") as bar:  # fmt: skip
+  with tqdm(
+    total=len(ds.x_train) // args.batch_size,
+    unit="step",
+    desc=f"epoch {epoch}/{args.epochs}",
+  ) as bar:
     for x, y in batches:
       losses.append(float(train_step(model, optimizer, x, y)))  # waits for it
       bar.update()
@@ -241,9 +273,12 @@ def train_epoch(
 
 
 def report(
-    args: argparse.Namespace, model: nnx.Module, ds: data.Dataset,
-    history: dict[str, list[float]], start: float,
-) -> dict[str, Any]:  # fmt: skip
+  args: argparse.Namespace,
+  model: nnx.Module,
+  ds: data.Dataset,
+  history: dict[str, list[float]],
+  start: float,
+) -> dict[str, Any]:
   """Measures flatness on 512 training samples; prints and saves the results."""
   model.eval()
   probe = jax.device_get(
@@ -258,10 +293,12 @@ def report(
     "hessian_top_eigenvalue": float(probe[1]),
     "wall_time_s": time.perf_counter() - start,
   }
-  print(f"test accuracy {results['final_test_accuracy']:.3f} | final train loss "
-        f"{results['final_train_loss']:.3f} | top Hessian eigenvalue "
-        f"{results['hessian_top_eigenvalue']:.2f} | "
-        f"{results['wall_time_s']:.1f} s")  # fmt: skip
+  print(
+    f"test accuracy {results['final_test_accuracy']:.3f} | final train loss "
+    f"{results['final_train_loss']:.3f} | top Hessian eigenvalue "
+    f"{results['hessian_top_eigenvalue']:.2f} | "
+    f"{results['wall_time_s']:.1f} s"
+  )
   if args.output:
     pathlib.Path(args.output).write_text(json.dumps(results, indent=1))
   return results
@@ -278,10 +315,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   start = time.perf_counter()
   ds, model, optimizer = setup(args)
-  print(f"{args.method} on {args.dataset} ({args.label_noise:.0%} label noise), "
-        f"{args.model} ({models.count_params(model):,} parameters), "
-        f"{args.epochs} epochs of batch {args.batch_size}, peak lr {args.lr}, "
-        f"seed {args.seed}")  # fmt: skip
+  print(
+    f"{args.method} on {args.dataset} ({args.label_noise:.0%} label noise), "
+    f"{args.model} ({models.count_params(model):,} parameters), "
+    f"{args.epochs} epochs of batch {args.batch_size}, peak lr {args.lr}, "
+    f"seed {args.seed}"
+  )
   rng = np.random.default_rng(args.seed)  # the batch order
   history: dict[str, list[float]] = {"train_loss": [], "test_accuracy": []}
   for epoch in range(1, args.epochs + 1):

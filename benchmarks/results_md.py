@@ -149,7 +149,10 @@ def start(args: argparse.Namespace, argv: list[str] | None = None) -> Record:
 
 
 def git_commit() -> str:
-  """``git rev-parse --short HEAD``, plus `` + uncommitted changes`` if any."""
+  """``git rev-parse --short HEAD``, plus `` + uncommitted changes`` if any.
+
+  RESULTS.md itself does not count: a run of several scripts rewrites it.
+  """
 
   def git(*cmd: str) -> str:
     out = subprocess.run(
@@ -159,7 +162,7 @@ def git_commit() -> str:
 
   try:
     commit = git("rev-parse", "--short", "HEAD")
-    dirty = git("status", "--porcelain")
+    dirty = git("status", "--porcelain", "--", ".", ":!benchmarks/RESULTS.md")
   except (OSError, subprocess.CalledProcessError):
     return "unknown (not a git checkout)"
   return commit + (" + uncommitted changes" if dirty else "")

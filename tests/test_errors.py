@@ -110,6 +110,11 @@ def test_grad_fn_returning_wrong_tree(make, bad_grad_fn, match):
       r"scheme must be one of 'forward', 'backward', 'central'; got 'centered'",
     ),
     (
+      lambda: gx.sam(0.05, on_nonfinite="skip"),
+      ValueError,
+      r"on_nonfinite must be one of 'clean', 'zero'; got 'skip'",
+    ),
+    (
       lambda: gx.sam(0.05, every_k=0),
       ValueError,
       r"every_k must be an integer >= 1, got 0",

@@ -59,6 +59,7 @@ def finite_difference_gr(
   axis_name: str | None = None,
   sync_perturbation: bool = True,
   perturb_dtype: Any = None,
+  on_nonfinite: str = "clean",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Finite-difference gradient regularization (F-GR, B-GR, central).
 
@@ -105,6 +106,8 @@ def finite_difference_gr(
     perturb_dtype: form the perturbed point(s) in this dtype (promoted with
       each parameter's; e.g. `jnp.float32` for bfloat16 params); None: the
       params' dtypes.
+    on_nonfinite: a step whose extra gradient is not finite returns `g`
+      (`"clean"`) or zeros (`"zero"`); see `gnorm_optax.SecondGradientState`.
 
   Returns:
     An optax.GradientTransformationExtraArgs.
@@ -149,6 +152,7 @@ def finite_difference_gr(
     axis_name=axis_name,
     sync_perturbation=sync_perturbation,
     perturb_dtype=perturb_dtype,
+    on_nonfinite=on_nonfinite,
   )
 
 
@@ -157,6 +161,7 @@ def gradient_regularization(
   *,
   every_k: int | jax.Array = 1,
   axis_name: str | None = None,
+  on_nonfinite: str = "clean",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Exact gradient regularization: `g + gamma * H @ g` by double backprop.
 
@@ -174,6 +179,8 @@ def gradient_regularization(
     gamma: regularization strength (>= 0), a scalar or a schedule.
     every_k: recompute `H g` on one step in `every_k` (>= 1).
     axis_name: inside `shard_map`/`pmap`, average the gradients over this axis.
+    on_nonfinite: a step whose `H g` is not finite returns `g` (`"clean"`)
+      or zeros (`"zero"`); see `gnorm_optax.SecondGradientState`.
 
   Returns:
     An optax.GradientTransformationExtraArgs.
@@ -208,4 +215,5 @@ def gradient_regularization(
     dict(gamma=gamma),
     every_k=every_k,
     axis_name=axis_name,
+    on_nonfinite=on_nonfinite,
   )

@@ -69,6 +69,7 @@ def penalized_grad(
   axis_name: str | None = None,
   sync_perturbation: bool = True,
   perturb_dtype: Any = None,
+  on_nonfinite: str = "clean",
   eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient-norm penalty (GNP): the gradient of `L + lambda * ||grad L||`.
@@ -136,6 +137,8 @@ def penalized_grad(
       (True) or with each device's own gradient (False: SAM's m-sharpness).
     perturb_dtype: form the perturbed point in this dtype (promoted with each
       parameter's; e.g. `jnp.float32` for bfloat16 params); None: the params'.
+    on_nonfinite: a step whose extra gradient is not finite returns `g`
+      (`"clean"`) or zeros (`"zero"`); see `gnorm_optax.SecondGradientState`.
     eps: added to the norm so that a zero gradient gives a zero step.
 
   Returns:
@@ -173,6 +176,16 @@ def penalized_grad(
       "or drop adaptive_mask"
     )
 
+  # With alpha = 1 and nothing cached (SAM), the update is g' itself: formed
+  # as g + (g' - g), it would keep g alive through the second pass.
+  direct = (
+    isinstance(alpha, (int, float))
+    and alpha == 1
+    and not normalize_clean
+    and isinstance(every_k, int)
+    and every_k == 1
+  )
+
   def clean(g, hp):
     return _normalize(g, hp["eps"])[0] if normalize_clean else g
 
@@ -187,9 +200,13 @@ def penalized_grad(
       adaptive_mask,
     )
     probe.lost(jnp.isinf(norm))  # squares overflowed: the step is zero
+    if direct:
+      return probe(step)
     return jax.tree.map(jnp.subtract, probe(step), clean(g, hp))
 
   def apply_fn(g, d, hp):
+    if direct:
+      return d
     return optax.tree.add_scale(clean(g, hp), hp["alpha"], d)
 
   return base.second_gradient_transformation(
@@ -201,7 +218,8 @@ def penalized_grad(
     axis_name=axis_name,
     sync_perturbation=sync_perturbation,
     perturb_dtype=perturb_dtype,
-    identity_at_zero=not normalize_clean,
+    identity_at_zero=not (normalize_clean or direct),
+    on_nonfinite=on_nonfinite,
   )
 
 
@@ -215,6 +233,7 @@ def sam(
   axis_name: str | None = None,
   sync_perturbation: bool = True,
   perturb_dtype: Any = None,
+  on_nonfinite: str = "clean",
   eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware minimization: the gradient at the adversarial point.
@@ -268,6 +287,9 @@ def sam(
       (True) or with each device's own gradient (False: m-sharpness).
     perturb_dtype: form the perturbed point in this dtype (see
       `penalized_grad`); None: the params' dtypes.
+    on_nonfinite: a step whose adversarial gradient is not finite returns
+      `g` (`"clean"`, the default) or zeros (`"zero"`: no copy of `g` is kept
+      through the second pass, the memory of `optax.contrib.sam`).
     eps: added to the norm so that a zero gradient gives a zero step.
 
   Returns:
@@ -305,5 +327,6 @@ def sam(
     perturb_dtype=perturb_dtype,
     axis_name=axis_name,
     sync_perturbation=sync_perturbation,
+    on_nonfinite=on_nonfinite,
     eps=eps,
   )

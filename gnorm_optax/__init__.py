@@ -5,6 +5,7 @@ from gnorm_optax._src.adaptive import adaptive_gradient_regularization
 from gnorm_optax._src.adaptive import agr_adamw
 from gnorm_optax._src.adaptive import agr_adan
 from gnorm_optax._src.base import SecondGradientState
+from gnorm_optax._src.ensemble import ensemble_axes
 from gnorm_optax._src.finite_difference import finite_difference_gr
 from gnorm_optax._src.finite_difference import gradient_regularization
 from gnorm_optax._src.flooding import FloodingState
@@ -27,6 +28,7 @@ __all__ = (
   "adaptive_gradient_regularization",
   "agr_adamw",
   "agr_adan",
+  "ensemble_axes",
   "finite_difference_gr",
   "flooding",
   "gradient_regularization",

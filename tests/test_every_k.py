@@ -233,3 +233,44 @@ def test_axis_name_matches_per_shard_computation(sync):
   ]
   expected = (1 - alpha) * g_mean + alpha * jnp.stack(adv).mean(0)
   np.testing.assert_allclose(out[0], expected, rtol=1e-5)
+
+
+def test_ensemble_axes_keep_the_cond_under_vmap():
+  """Under `jax.vmap` with `gx.ensemble_axes` (one shared count), each
+  member's steps equal its own unbatched run and the extra gradient runs on
+  the refresh steps only; with every leaf batched it runs on every step."""
+  loss, params = quartic_problem()
+  members = jax.tree.map(lambda p: jnp.stack([p, 1.5 * p, -p]), params)
+  tx = optax.chain(gx.sam(0.05, every_k=3), optax.sgd(0.01))
+  n_steps = 5
+
+  def run(state_axes):
+    counter = Counter(jax.grad(loss))
+
+    def step(p, s):
+      u, s = tx.update(jax.grad(loss)(p), s, p, grad_fn=counter)
+      return optax.apply_updates(p, u), s
+
+    mapped = jax.jit(jax.vmap(step, in_axes=(0, state_axes), out_axes=(0, state_axes)))
+    p, s = members, jax.vmap(tx.init, out_axes=state_axes)(members)
+    for _ in range(n_steps):
+      p, s = mapped(p, s)
+    jax.block_until_ready(p)
+    return p, counter.calls
+
+  axes = gx.ensemble_axes(jax.eval_shape(tx.init, members))
+  shared, calls_shared = run(axes)
+  _, calls_batched = run(0)
+  assert calls_batched == n_steps * calls_shared / 2  # refreshes: steps 0, 3
+
+  for i in range(3):  # each member as if trained alone
+    p = jax.tree.map(lambda m, i=i: m[i], members)
+    s = tx.init(p)
+    for _ in range(n_steps):
+      u, s = tx.update(jax.grad(loss)(p), s, p, grad_fn=jax.grad(loss))
+      p = optax.apply_updates(p, u)
+    jax.tree.map(
+      lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6),
+      shared,
+      p,
+    )

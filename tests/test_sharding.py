@@ -128,7 +128,8 @@ def test_data_parallel_example_on_8_devices():
   out = proc.stdout
   assert "devices: 8 x cpu" in out and "batch 64 = 8 x 8 per device" in out, out
   assert "epoch   1  train loss" in out, out
-  assert "parameters replicated on 8 device(s): True" in out, out
+  assert "in 1 process(es)" in out, out
+  assert "parameters replicated over 8 device(s)" in out, out
   accuracy = float(out.split("test accuracy")[1].split()[0])
   assert 0.2 < accuracy <= 1.0, out  # 1 epoch: well above chance (0.1)
 

@@ -15,6 +15,7 @@ refused (it would splice two runs), naming the flags that differ.
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import time
@@ -48,25 +49,40 @@ def parse_args(argv: Sequence[str] | None = None) -> Any:
   )
   args = train.parse_args(argv, parser)
   args.checkpoint_dir = args.checkpoint_dir.absolute()  # orbax wants it absolute
-  record = args.checkpoint_dir / ARGS_FILE
-  if record.exists():
-    old, new = json.loads(record.read_text()), _recorded(args)
-    diffs = [
-      f"--{k.replace('_', '-')} {old.get(k)} (now {new.get(k)})"
-      for k in sorted({*old, *new})
-      if old.get(k) != new.get(k)
-    ]
-    if diffs:
-      parser.error(
-        f"argument --checkpoint-dir: {args.checkpoint_dir} holds a run with "
-        f"other arguments: {', '.join(diffs)}; use a new --checkpoint-dir or "
-        "delete the old one"
-      )
+  refuse_other_args(parser, args)
   return args
 
 
-def _recorded(args: Any) -> dict[str, Any]:
-  return {k: v for k, v in vars(args).items() if k not in _NOT_RECORDED}
+def refuse_other_args(
+  parser: argparse.ArgumentParser, args: Any, ignore: Sequence[str] = _NOT_RECORDED
+) -> None:
+  """Exits with ``parser``'s error (status 2) naming every flag whose value
+  differs from the one recorded in ``args.checkpoint_dir`` (flags in
+  ``ignore`` may change); returns if nothing is recorded there yet."""
+  record = args.checkpoint_dir / ARGS_FILE
+  if not record.exists():
+    return
+  old, new = json.loads(record.read_text()), _recorded(args, ignore)
+  diffs = [
+    f"--{k.replace('_', '-')} {old.get(k)} (now {new.get(k)})"
+    for k in sorted({*old, *new})
+    if old.get(k) != new.get(k)
+  ]
+  if diffs:
+    parser.error(
+      f"argument --checkpoint-dir: {args.checkpoint_dir} holds a run with "
+      f"other arguments: {', '.join(diffs)}; use a new --checkpoint-dir or "
+      "delete the old one"
+    )
+
+
+def record_args(args: Any, ignore: Sequence[str] = _NOT_RECORDED) -> None:
+  """Writes the flags that define the run to ``args.checkpoint_dir``."""
+  (args.checkpoint_dir / ARGS_FILE).write_text(json.dumps(_recorded(args, ignore)))
+
+
+def _recorded(args: Any, ignore: Sequence[str]) -> dict[str, Any]:
+  return {k: v for k, v in vars(args).items() if k not in ignore}
 
 
 def _is_key(x: Any) -> bool:
@@ -92,8 +108,9 @@ def save(mngr, epoch, model, optimizer, rng, history) -> None:
   )
 
 
-def restore(mngr, model, optimizer, rng) -> tuple[int, dict[str, list[float]]]:
-  """Restores the latest checkpoint in place; returns its epoch and history."""
+def restore(mngr, model, optimizer, rng) -> tuple[int, Any]:
+  """Restores the latest checkpoint in place, laid out as the current state
+  (on any devices and processes); returns its epoch and the saved history."""
   epoch = mngr.latest_step()
   like = nnx.as_pure({"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
   restored = mngr.restore(
@@ -127,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   with ocp.CheckpointManager(args.checkpoint_dir, options=options) as mngr:
     done = 0
     if mngr.latest_step() is None:
-      (args.checkpoint_dir / ARGS_FILE).write_text(json.dumps(_recorded(args)))
+      record_args(args)
     else:
       done, history = restore(mngr, model, optimizer, rng)
       print(f"resumed after epoch {done} from {args.checkpoint_dir}")

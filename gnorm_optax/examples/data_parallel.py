@@ -1,57 +1,85 @@
-"""Data-parallel training with SAM on every visible device.
+"""Data-parallel training with SAM over every device of one or several processes.
 
-    python -m gnorm_optax.examples.data_parallel --method sam --epochs 10
+::
 
-The batch is split over a one-axis ``Mesh`` of all devices
-(``NamedSharding(mesh, P("data"))``), the parameters and the optimizer state
-are replicated (``P()``), and one ``jax.jit``-compiled step does the rest: XLA
-inserts the all-reduce of the gradients, and the gradient that
+  python -m gnorm_optax.examples.data_parallel --method sam --epochs 10
+
+  # Two processes of 2 CPU devices each on one machine, one shell per process:
+  export XLA_FLAGS=--xla_force_host_platform_device_count=2
+  python -m gnorm_optax.examples.data_parallel --coordinator-address \\
+      127.0.0.1:1234 --num-processes 2 --process-id 0      # and --process-id 1
+
+A one-axis ``Mesh`` spans all devices of all processes. Each process feeds its
+own rows of every global batch (``jax.make_array_from_process_local_data``);
+the parameters and the optimizer state are replicated (``P()``) or, with
+``--fsdp``, split over 'data'. One ``jax.jit``-compiled step does the rest:
+XLA inserts the all-reduce of the gradients, and the gradient that
 ``gnorm_optax.sam`` takes at the perturbed parameters (through ``grad_fn``) is
-global as well. Nothing in the optimizer changes for several devices: no
-``axis_name``, no ``pmean`` (those are for ``shard_map`` / ``pmap``, see the
-README's "Several devices").
+global as well. The optimizer code is the single-device code: no
+``axis_name`` and no ``pmean`` (those are for ``shard_map``; see the README's
+"Several devices"). Only process 0 prints and writes files.
 
-Try it on one CPU with 8 simulated devices:
-
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-        python -m gnorm_optax.examples.data_parallel --epochs 3
-
-On several GPUs, or a TPU host, the same command uses all local devices; on
-several hosts, call ``jax.distributed.initialize()`` first (``--distributed``)
-and run the command on every host.
+Several hosts: run the command once per host with ``--coordinator-address``,
+``--num-processes`` and ``--process-id`` (the arguments of
+``jax.distributed.initialize``), or with ``--distributed`` alone on Cloud TPU,
+SLURM or Open MPI, where JAX finds them. CPU processes exchange collectives
+over gloo. If a process dies, JAX aborts the others ("another task died")
+within ``--heartbeat-timeout`` seconds instead of letting them hang; a process
+that fails with a Python error waits at most as long for the others at exit.
+With ``--checkpoint-dir``, the same command, rerun, resumes after the last
+saved epoch, also with another number of processes or devices.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gnorm_optax as gx
+from gnorm_optax.examples import checkpointing
 from gnorm_optax.examples import data
+from gnorm_optax.examples import train
 from gnorm_optax.examples.models import make_model
 from gnorm_optax.flax import nnx_grad_fn
 
-METHODS = ("sam", "sgd", "gnp")
+METHODS = ("sam", "sgd", "gnp", "fdgr", "agr_adamw")
+# Flags that do not change the numbers: a resumed run may set them differently
+# (the parameters' layout and the processes included).
+NOT_RECORDED = tuple(
+  "epochs checkpoint_dir output fsdp coordinator_address num_processes "
+  "process_id distributed init_timeout heartbeat_timeout".split()
+)
 
 
 def make_optimizer(
-  method: str, lr: float, rho: float, momentum: float = 0.9
+  method: str, lr: float, rho: float, every_k: int = 1, momentum: float = 0.9
 ) -> optax.GradientTransformationExtraArgs:
-  """``chain(<gradient transform>, sgd)``: SAM, GNP (``alpha=0.8``) or plain SGD."""
+  """SAM, GNP (``alpha=0.8``) or forward F-GR (``gamma=0.1``, ``epsilon=0.01``)
+  in front of SGD with momentum; plain SGD; or AGR-AdamW (``lr`` its own).
+
+  ``every_k`` is the second-gradient transforms' (SAM, GNP, F-GR).
+  """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if method == "agr_adamw":
+    return gx.agr_adamw(lr)
   first = {
-    "sam": lambda: gx.sam(rho),
-    "gnp": lambda: gx.penalized_grad(rho, alpha=0.8),
+    "sam": lambda: gx.sam(rho, every_k=every_k),
+    "gnp": lambda: gx.penalized_grad(rho, alpha=0.8, every_k=every_k),
+    "fdgr": lambda: gx.finite_difference_gr(0.1, 0.01, every_k=every_k),
     "sgd": optax.identity,
   }[method]()
   return optax.chain(first, optax.sgd(lr, momentum=momentum))
@@ -89,85 +117,228 @@ def check_batch_size(batch_size: int, num_devices: int) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--method", choices=METHODS, default="sam")
-  parser.add_argument("--epochs", type=int, default=10)
-  parser.add_argument(
-    "--batch-size",
-    type=int,
-    default=128,
-    help="global batch size; must be divisible by the number of devices",
-  )
-  parser.add_argument("--model", choices=("cnn", "mlp"), default="cnn")
-  parser.add_argument("--lr", type=float, default=0.05)
-  parser.add_argument("--rho", type=float, default=0.05)
-  parser.add_argument("--label-noise", type=float, default=0.0)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument(
-    "--distributed",
-    action="store_true",
-    help="call jax.distributed.initialize() first (one process per host)",
-  )
-  args = parser.parse_args(argv)
-  if args.epochs < 1:
-    parser.error(f"--epochs must be at least 1, got {args.epochs}")
-  if args.distributed:
-    jax.distributed.initialize()
+def state_shardings(tree: Any, mesh: Mesh, fsdp: bool) -> Any:
+  """``P()`` for every leaf; with ``fsdp``, leaves split over 'data' along
+  their first axis that the number of devices divides (others replicated)."""
 
-  devices = jax.devices()
+  def sharding(x: Any) -> NamedSharding:
+    axes = [i for i, n in enumerate(x.shape) if fsdp and n % mesh.size == 0]
+    return NamedSharding(mesh, P(*[None] * axes[0], "data") if axes else P())
+
+  return jax.tree.map(sharding, tree)
+
+
+def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """The global array of ``sharding`` from ``x``, which every process holds
+  (each process places only the shards of its own devices)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def put_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """The global batch ``x`` sharded over 'data', each process feeding only the
+  rows of its own devices (a real input pipeline would load only those)."""
+  shards = sharding.addressable_devices_indices_map(x.shape).values()
+  rows = sorted({(i[0].start, i[0].stop) for i in shards if i is not None})
+  local = np.concatenate([x[start:stop] for start, stop in rows])
+  return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+
+def local_value(x: jax.Array) -> np.ndarray:
+  """A replicated array's value, read from this process's first shard."""
+  return np.asarray(x.addressable_data(0))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line flags (``--help`` lists them)."""
+  p = argparse.ArgumentParser(
+    prog="python -m gnorm_optax.examples.data_parallel",
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  count = train._checked(int, lambda v: v >= 1, "a positive integer")
+  index = train._checked(int, lambda v: v >= 0, "an integer >= 0")
+  seed = train._checked(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
+  positive = train._checked(float, lambda v: 0 < v < float("inf"), "a number > 0")
+  nonneg = train._checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+  fraction = train._checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+  address = train._checked(
+    str,
+    lambda v: v.rpartition(":")[0] != "" and 0 < int(v.rpartition(":")[2]) < 2**16,
+    "HOST:PORT, e.g. 10.0.0.1:1234",
+  )
+  add = p.add_argument
+  add("--method", choices=METHODS, default="sam", help="the optimizer")
+  add("--model", choices=("cnn", "mlp"), default="cnn", help="the architecture")
+  add("--epochs", type=count, default=10, help="passes over the training set")
+  add("--batch-size", type=count, default=128, help="global; devices divide it")
+  add("--lr", type=positive, default=argparse.SUPPRESS, help="0.05; agr_adamw 3e-3")
+  add("--rho", type=nonneg, default=0.05, help="perturbation radius (sam, gnp)")
+  add("--every-k", type=count, default=1, help="second gradient every k steps")
+  add("--label-noise", type=fraction, default=0.0, help="fraction of wrong labels")
+  add("--seed", type=seed, default=0, help="split, noise, weights, batch order")
+  add("--fsdp", action="store_true", help="shard parameters and state over 'data'")
+  add("--checkpoint-dir", type=pathlib.Path, help="save every epoch; resume there")
+  add("--output", help="process 0 writes the results there as JSON")
+  g = p.add_argument_group(
+    "several processes",
+    "jax.distributed.initialize's arguments; none: one process",
+  )
+  g.add_argument("--coordinator-address", type=address, help="process 0's HOST:PORT")
+  g.add_argument("--num-processes", type=count, help="the processes in the run")
+  g.add_argument("--process-id", type=index, help="this one, < --num-processes")
+  g.add_argument(
+    "--distributed", action="store_true", help="let JAX find the ones not given"
+  )
+  g.add_argument(
+    "--init-timeout", type=count, default=300, help="seconds to wait for the others"
+  )
+  g.add_argument(
+    "--heartbeat-timeout",
+    type=count,
+    default=60,
+    help="seconds until a silent process counts as dead (and the longest a "
+    "failed one waits for the others at exit)",
+  )
+  return p
+
+
+def parse_args(
+  argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+  """Parses and checks the flags; a bad one exits with status 2, naming it."""
+  parser = build_parser() if parser is None else parser
+  args = parser.parse_args(argv)
+  given = {
+    "--coordinator-address": args.coordinator_address,
+    "--num-processes": args.num_processes,
+    "--process-id": args.process_id,
+  }
+  missing = [flag for flag, value in given.items() if value is None]
+  present = [flag for flag, value in given.items() if value is not None]
+  if not args.distributed and missing and present:
+    parser.error(
+      f"argument {missing[0]}: required with {' and '.join(present)}; give "
+      "all three (or --distributed, where JAX finds them: Cloud TPU, SLURM, "
+      "Open MPI)"
+    )
+  if None not in (args.num_processes, args.process_id) and not (
+    args.process_id < args.num_processes
+  ):
+    parser.error(
+      f"argument --process-id: must be < --num-processes {args.num_processes}, "
+      f"got {args.process_id}; number the processes 0 to {args.num_processes - 1}"
+    )
+  if "lr" not in args:
+    args.lr = 3e-3 if args.method == "agr_adamw" else 0.05
+  if args.checkpoint_dir is not None:
+    args.checkpoint_dir = args.checkpoint_dir.absolute()  # orbax wants it so
+    checkpointing.refuse_other_args(parser, args, NOT_RECORDED)
+  return args
+
+
+def initialize(args: argparse.Namespace) -> None:
+  """Joins the other processes through ``jax.distributed`` if the flags say so.
+
+  A process that stops sending heartbeats for ``--heartbeat-timeout`` seconds
+  counts as dead: JAX then terminates every other process with an error
+  instead of leaving them blocked in a collective. The same bound applies to
+  the barrier where finishing processes wait for each other.
+  """
+  if args.num_processes is None and not args.distributed:
+    return
+  jax.distributed.initialize(
+    coordinator_address=args.coordinator_address,
+    num_processes=args.num_processes,
+    process_id=args.process_id,
+    initialization_timeout=args.init_timeout,
+    heartbeat_timeout_seconds=args.heartbeat_timeout,
+    shutdown_timeout_seconds=args.heartbeat_timeout,
+  )
+  # Collectives between CPU processes (GPUs and TPUs bring their own); set
+  # before the first computation creates the devices.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Trains as the flags say; returns (process 0 also writes) the results."""
+  parser = build_parser()
+  args = parse_args(argv, parser)
+  try:
+    initialize(args)
+  except ValueError as e:  # --distributed where JAX detects no cluster
+    parser.error(
+      f"argument --distributed: {e} JAX finds it on Cloud TPU, SLURM and Open "
+      "MPI; elsewhere give --coordinator-address, --num-processes, --process-id"
+    )
+  devices, lead = jax.devices(), jax.process_index() == 0
+  log = print if lead else lambda *_: None
   try:
     check_batch_size(args.batch_size, len(devices))
   except ValueError as e:
     parser.error(str(e))
   mesh = Mesh(np.array(devices), ("data",))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-  per_device = args.batch_size // len(devices)
-  print(
-    f"devices: {len(devices)} x {devices[0].platform} "
-    f"({devices[0].device_kind}), {jax.process_count()} process(es); "
-    f"mesh {dict(mesh.shape)}; batch {args.batch_size} = "
-    f"{len(devices)} x {per_device} per device"
+  batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  log(
+    f"devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind})"
+    f" in {jax.process_count()} process(es); mesh {dict(mesh.shape)}; batch "
+    f"{args.batch_size} = {len(devices)} x {args.batch_size // len(devices)} "
+    "per device"
   )
-
   ds = data.load_digits(label_noise=args.label_noise, seed=args.seed)
   model = make_model(args.model, args.seed, ds.x_train.shape[1:], data.NUM_CLASSES)
-  optimizer = nnx.Optimizer(
-    model, make_optimizer(args.method, args.lr, args.rho), wrt=nnx.Param
-  )
-  # Replicate the parameters and the optimizer state on every device.
-  state = jax.device_put(nnx.state((model, optimizer)), replicated)
-  nnx.update((model, optimizer), state)
-
-  def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    # Each process contributes its addressable shards of the global array
-    # (on one host: all of it); here every process holds the whole batch.
-    return jax.make_array_from_callback(array.shape, sharding, lambda i: array[i])
-
-  rng = np.random.default_rng(args.seed)
-  print(f"method {args.method}, model {args.model}, {args.epochs} epoch(s)")
-  for epoch in range(1, args.epochs + 1):
+  tx = make_optimizer(args.method, args.lr, args.rho, args.every_k)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  # Place the state on the global mesh: replicated, or split with --fsdp.
+  state = nnx.state((model, optimizer))
+  shardings = state_shardings(state, mesh, args.fsdp)
+  nnx.update((model, optimizer), jax.tree.map(put_global, state, shardings))
+  rng = np.random.default_rng(args.seed)  # the batch order, the same everywhere
+  history: list[float] = []
+  mngr = None
+  if args.checkpoint_dir is not None:
+    options = ocp.CheckpointManagerOptions(max_to_keep=2)
+    mngr = ocp.CheckpointManager(args.checkpoint_dir, options=options)
+    if mngr.latest_step() is not None:
+      done, history = checkpointing.restore(mngr, model, optimizer, rng)
+      log(f"resumed after epoch {done} from {args.checkpoint_dir}")
+    elif lead:
+      checkpointing.record_args(args, NOT_RECORDED)
+  log(f"method {args.method}, model {args.model}, {args.epochs} epoch(s)")
+  for epoch in range(len(history) + 1, args.epochs + 1):
     start = time.perf_counter()
     model.train()
     losses = [
-      train_step(model, optimizer, put(xb, batch_sharding), put(yb, batch_sharding))
-      for xb, yb in data.iterate_batches(ds.x_train, ds.y_train, args.batch_size, rng)
+      train_step(
+        model, optimizer, put_batch(x, batch_sharding), put_batch(y, batch_sharding)
+      )
+      for x, y in data.iterate_batches(ds.x_train, ds.y_train, args.batch_size, rng)
     ]
-    loss = float(np.mean(jax.device_get(losses)))
+    history.append(float(np.mean([local_value(v) for v in losses])))
     seconds = time.perf_counter() - start
-    print(f"epoch {epoch:3d}  train loss {loss:.4f}  ({seconds:.1f} s)")
-
+    log(f"epoch {epoch:3d}  train loss {history[-1]:.4f}  ({seconds:.1f} s)")
+    if mngr is not None:
+      checkpointing.save(mngr, epoch, model, optimizer, rng, history)
+  if mngr is not None:
+    mngr.close()  # waits for the last save
   model.eval()
-  correct = count_correct(model, put(ds.x_test, replicated), put(ds.y_test, replicated))
-  accuracy = int(correct) / len(ds.y_test)
-  sharding = jax.tree.leaves(nnx.state(model, nnx.Param))[0].sharding
-  print(
-    f"parameters replicated on {len(sharding.device_set)} device(s): "
-    f"{sharding.is_fully_replicated}"
-  )
-  print(f"test accuracy {accuracy:.4f}")
-  return {"train_loss": loss, "test_accuracy": accuracy}
+  x_test, y_test = (put_global(v, replicated) for v in (ds.x_test, ds.y_test))
+  accuracy = int(local_value(count_correct(model, x_test, y_test))) / len(ds.y_test)
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  replicated_params = all(p.sharding.is_fully_replicated for p in params)
+  layout = "replicated" if replicated_params else "FSDP-sharded"
+  log(f"parameters {layout} over {len(params[0].sharding.device_set)} device(s)")
+  log(f"test accuracy {accuracy:.4f}")
+  results = {
+    "processes": jax.process_count(),
+    "devices": len(devices),
+    "parameters": layout,
+    "train_loss": history,
+    "test_accuracy": accuracy,
+  }
+  if args.output and lead:
+    pathlib.Path(args.output).write_text(json.dumps(results, indent=1))
+  return results
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ with it stay shared.
 Build them *before* the clean pass: the snapshot then holds the RNG state the
 clean pass starts from, so the perturbed pass draws the same dropout masks (the
 finite differences of gradients are only meaningful with the same masks), and
-only the clean pass's state updates are kept:
+only the clean pass's state updates are kept::
 
     @nnx.jit
     def train_step(model, optimizer, x, y):
@@ -199,10 +199,7 @@ def nnx_value_fn(
 ) -> Callable[[Any], jax.Array]:
   r"""The loss as a pure function of the parameters, for `value_fn=`.
 
-  .. math::
-    \text{value\_fn}(\theta) = \text{loss\_fn}(\text{model with } \theta,
-    \text{*args}, \text{**kwargs})
-
+  `value_fn(params)` is `loss_fn(model_with_params, *args, **kwargs)`,
   evaluated on a copy of `model` whose non-`wrt` state (BatchNorm statistics,
   RNG counters, ...) is the snapshot taken when `nnx_value_fn` is called;
   whatever the loss writes goes to the copy and is discarded. Graph nodes in
@@ -264,10 +261,8 @@ def nnx_grad_fn(
 ) -> Callable[[Any], Any]:
   r"""The gradient of the loss as a pure function of the parameters: `grad_fn=`.
 
-  .. math::
-    \text{grad\_fn}(\theta) = \nabla_\theta\, \text{loss\_fn}(\text{model with }
-    \theta, \text{*args}, \text{**kwargs})
-
+  `grad_fn(params)` is the gradient of
+  `loss_fn(model_with_params, *args, **kwargs)` with respect to `params`.
   This is `jax.grad(nnx_value_fn(model, loss_fn, *args, wrt=wrt, **kwargs))`:
   side-effect free (on `model` and on graph nodes in the arguments, e.g. an
   `nnx.Rngs`), with the tree of `nnx.as_pure(nnx.state(model, wrt))`, so it

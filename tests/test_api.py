@@ -149,6 +149,7 @@ TRANSFORM_ARGS = {
   "sam": {},
   "finite_difference_gr": dict(gamma=0.1, epsilon=0.01),
   "gradient_regularization": dict(gamma=0.1),
+  "gsam": {},
   "adaptive_gradient_regularization": {},
   "agr_adamw": dict(learning_rate=0.1),
   "agr_adan": dict(learning_rate=0.1),

@@ -166,6 +166,65 @@ def test_sam_is_alpha_one():
 
 
 # ----------------------------------------------------------------------------
+# GSAM against its formula and big_vision's gsam_gradient.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_gsam_matches_formula(adaptive):
+  loss, params = mlp_problem(seed=5)
+  rho, alpha = 0.2, 0.4
+  _, out, _ = run_update(gx.gsam(rho, alpha, adaptive=adaptive), loss, params)
+  g = np.asarray(flat(jax.grad(loss)(params)), np.float64)
+  # SAM's (or ASAM's) gradient g' is penalized_grad's at alpha = 1.
+  g_adv = gnp_reference(loss, params, rho, 1.0, adaptive=adaptive)
+  orth = g - (g @ g_adv) / (g_adv @ g_adv) * g_adv
+  np.testing.assert_allclose(flat(out), g_adv - alpha * orth, rtol=1e-5, atol=1e-6)
+  # alpha = 0 is SAM.
+  _, sam_out, _ = run_update(gx.gsam(rho, 0.0, adaptive=adaptive), loss, params)
+  _, ref, _ = run_update(gx.sam(rho, adaptive=adaptive), loss, params)
+  assert_tree_close(sam_out, ref, rtol=1e-6, atol=1e-7)
+
+
+def big_vision_gsam_gradient(loss, params, rho_max, rho_min, alpha, lr, lr_max, lr_min):
+  """A transcription of big_vision's `gsam_gradient` (trainers/proj/gsam/
+  gsam.py; SAM's perturbation, `minimize_fp=True`), for one loss."""
+  norm = lambda t: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t)))
+  g_clean = jax.grad(loss)(params)
+  g_len = norm(g_clean)
+  rho = rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+  point = jax.tree.map(lambda a, b: a + rho * b / (g_len + 1e-12), params, g_clean)
+  g_robust = jax.grad(loss)(point)
+  unit = jax.tree.map(lambda x: x / norm(g_robust), g_robust)
+  along = sum(
+    jnp.vdot(u, c)
+    for u, c in zip(jax.tree.leaves(unit), jax.tree.leaves(g_clean), strict=True)
+  )
+  residual = jax.tree.map(lambda c, u: c - along * u, g_clean, unit)
+  return jax.tree.map(lambda r, v: r - v * alpha, g_robust, residual)
+
+
+def test_gsam_follows_big_vision_step_for_step():
+  """Ten SGD steps on a cosine learning-rate schedule with rho tied to it as
+  the docstring says, against big_vision's gradient fed to the same SGD."""
+  loss, params = mlp_problem(seed=6)
+  lr_max, lr_min, rho_max, rho_min, alpha, n = 0.3, 0.0, 0.2, 0.02, 0.3, 10
+  lr = optax.cosine_decay_schedule(lr_max, n)
+  rho = lambda t: rho_min + (rho_max - rho_min) * (lr(t) - lr_min) / (lr_max - lr_min)
+  tx = optax.chain(gx.gsam(rho, alpha), optax.sgd(lr))
+  ours, ref, state = params, params, tx.init(params)
+  for t in range(n):
+    u, state = tx.update(jax.grad(loss)(ours), state, ours, grad_fn=jax.grad(loss))
+    ours = optax.apply_updates(ours, u)
+    g = big_vision_gsam_gradient(
+      loss, ref, rho_max, rho_min, alpha, lr(t), lr_max, lr_min
+    )
+    ref = jax.tree.map(lambda p, gi, t=t: p - lr(t) * gi, ref, g)
+  assert_tree_close(ours, ref, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(flat(ours), flat(params))
+
+
+# ----------------------------------------------------------------------------
 # Gradient regularization against the exact Hessian.
 # ----------------------------------------------------------------------------
 

@@ -33,8 +33,8 @@ def adaptive_gradient_regularization() -> optax.GradientTransformationExtraArgs:
   For every leaf (tensor) `g` of the gradient,
 
   .. math::
-    \alpha = \frac{|g|}{\sum |g|},\qquad g \leftarrow g - \alpha \odot g
-    = g \odot \Big(1 - \frac{|g|}{\sum |g|}\Big).
+    \alpha = |g| / \sum |g|, \quad
+    g \leftarrow g - \alpha \odot g = g \odot (1 - |g| / \sum |g|).
 
   The coefficient `alpha` is in `[0, 1]`, so each entry keeps its sign and the
   entries that dominate the tensor are damped most. An all-zero tensor stays
@@ -50,7 +50,7 @@ def adaptive_gradient_regularization() -> optax.GradientTransformationExtraArgs:
   share of the sum); the factor bites on small ones such as biases.
 
   Returns:
-    An optax.GradientTransformationExtraArgs (stateless; extra arguments such
+    An `optax.GradientTransformationExtraArgs` (stateless; extra arguments such
     as `grad_fn=` or `value=` are ignored, so it chains with anything).
 
   Examples:
@@ -110,7 +110,7 @@ def agr_adamw(
     nesterov: use Nesterov momentum.
 
   Returns:
-    An optax.GradientTransformationExtraArgs.
+    An `optax.GradientTransformationExtraArgs`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -386,16 +386,15 @@ def adan(
   schedules of the step `k - 1 = 0, 1, ...`):
 
   .. math::
-    \begin{aligned}
-      m_k &= b_1 m_{k-1} + (1 - b_1)\, g_k, \\
-      v_k &= b_2 v_{k-1} + (1 - b_2)\, d_k, \\
-      n_k &= b_3 n_{k-1} + (1 - b_3)\, (g_k + b_2 d_k)^2, \\
-      u_k &= \frac{m_k / (1 - b_1^k) + b_2\, v_k / (1 - b_2^k)}
-                  {\sqrt{n_k / (1 - b_3^k) + \epsilon_{root}} + \epsilon}, \\
-      \theta_{k+1} &= \frac{\theta_k - \eta_k u_k}{1 + \eta_k \lambda_k}
-      \quad\text{(proximal, the default)}, \quad\text{or}\quad
-      \theta_{k+1} = (1 - \eta_k \lambda_k)\, \theta_k - \eta_k u_k.
-    \end{aligned}
+    m_k &= b_1 m_{k-1} + (1 - b_1) g_k, \\
+    v_k &= b_2 v_{k-1} + (1 - b_2) d_k, \\
+    n_k &= b_3 n_{k-1} + (1 - b_3) (g_k + b_2 d_k)^2, \\
+    u_k &= (m_k / (1 - b_1^k) + b_2 v_k / (1 - b_2^k))
+           / (\sqrt{n_k / (1 - b_3^k) + \mathrm{eps}_\mathrm{root}} + \mathrm{eps}), \\
+    \theta_{k+1} &= (\theta_k - \eta_k u_k) / (1 + \eta_k \lambda_k)
+    \quad \text{(proximal, the default), or} \\
+    \theta_{k+1} &= (1 - \eta_k \lambda_k) \theta_k - \eta_k u_k
+    \quad \text{(decoupled, proximal=False)}.
 
   (For complex parameters the square is `|.|^2`; `n` is kept real.)
 
@@ -435,7 +434,7 @@ def adan(
     mu_dtype: dtype of the moments `m` and `v` (default: the params' dtype).
 
   Returns:
-    An optax.GradientTransformationExtraArgs.
+    An `optax.GradientTransformationExtraArgs`.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -477,7 +476,7 @@ def agr_adan(
   tensor's gradient is first rescaled by AGR,
 
   .. math::
-    g \leftarrow g \odot \Big(1 - \frac{|g|}{\sum |g|}\Big),
+    g \leftarrow g \odot (1 - |g| / \sum |g|),
 
   then `gnorm_optax.adan` takes the step: Algorithm 1 of the Adan paper as
   its official code implements it, which is what the AGR paper used
@@ -500,7 +499,7 @@ def agr_adan(
     mu_dtype: dtype of the moments `m` and `v` (default: the params' dtype).
 
   Returns:
-    An optax.GradientTransformationExtraArgs.
+    An `optax.GradientTransformationExtraArgs`.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax

@@ -67,12 +67,12 @@ def finite_difference_gr(
   Hessian-vector product is replaced by a difference of gradients along `g`:
 
   .. math::
-    \text{forward:}\quad & g + \frac{\gamma}{\epsilon}
-      \big(\nabla L(\theta + \epsilon g) - g\big) \\
-    \text{backward:}\quad & g + \frac{\gamma}{\epsilon}
-      \big(g - \nabla L(\theta - \epsilon g)\big) \\
-    \text{central:}\quad & g + \frac{\gamma}{2\epsilon}
-      \big(\nabla L(\theta + \epsilon g) - \nabla L(\theta - \epsilon g)\big)
+    \text{forward:} \quad & g + (\gamma / \epsilon)
+      (\nabla L(\theta + \epsilon g) - g) \\
+    \text{backward:} \quad & g + (\gamma / \epsilon)
+      (g - \nabla L(\theta - \epsilon g)) \\
+    \text{central:} \quad & g + (\gamma / 2 \epsilon)
+      (\nabla L(\theta + \epsilon g) - \nabla L(\theta - \epsilon g))
 
   Forward and backward need one extra gradient and have `O(epsilon)` error;
   central needs two and has `O(epsilon^2)` error. Karakida et al. show that the
@@ -110,7 +110,7 @@ def finite_difference_gr(
       (`"clean"`) or zeros (`"zero"`); see `gnorm_optax.SecondGradientState`.
 
   Returns:
-    An optax.GradientTransformationExtraArgs.
+    An `optax.GradientTransformationExtraArgs`.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -166,7 +166,7 @@ def gradient_regularization(
   r"""Exact gradient regularization: `g + gamma * H @ g` by double backprop.
 
   .. math::
-    \nabla\Big(L + \frac{\gamma}{2}\|\nabla L\|^2\Big) = g + \gamma\, H g,
+    \nabla (L + (\gamma / 2) \|\nabla L\|^2) = g + \gamma H g,
 
   with `H g` computed exactly by forward-over-reverse differentiation of
   `grad_fn` (`jax.jvp`). It is the reference that `finite_difference_gr`
@@ -183,7 +183,7 @@ def gradient_regularization(
       or zeros (`"zero"`); see `gnorm_optax.SecondGradientState`.
 
   Returns:
-    An optax.GradientTransformationExtraArgs.
+    An `optax.GradientTransformationExtraArgs`.
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -23,7 +23,7 @@ def flooding(level: optax.ScalarOrSchedule) -> optax.GradientTransformationExtra
   r"""Flooding: the gradient of `|L - b| + b` for flood level `b`.
 
   .. math::
-    \nabla\big(|L - b| + b\big) = \operatorname{sign}(L - b)\, g .
+    \nabla (|L - b| + b) = \mathrm{sign}(L - b)\, g.
 
   Above the flood level this is plain descent; below it the gradient flips and
   the step ascends, so the loss floats around `b`. Karakida et al. show that a
@@ -35,7 +35,7 @@ def flooding(level: optax.ScalarOrSchedule) -> optax.GradientTransformationExtra
     level: the flood level `b` (>= 0), a scalar or a schedule.
 
   Returns:
-    An optax.GradientTransformationExtraArgs.
+    An `optax.GradientTransformationExtraArgs`.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -45,6 +45,19 @@ def global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(abs_sq(x)) for x in leaves))
 
 
+def real_vdot(a: Any, b: Any) -> jax.Array:
+  """Real inner product `sum(real(conj(a) * b))` over the leaves, >= float32.
+
+  A complex leaf counts as its real and imaginary parts, two real
+  coordinates. (No reshape: it is not defined on explicitly sharded arrays.)
+  """
+  terms = [
+    jnp.sum(jnp.real(jnp.conj(x) * y))
+    for x, y in zip(jax.tree.leaves(upcast(a)), jax.tree.leaves(upcast(b)), strict=True)
+  ]
+  return sum(terms, start=jnp.zeros((), jnp.float32))
+
+
 def same_structure(a: Any, b: Any) -> bool:
   """True when the trees `a` and `b` have the same structure."""
   # (jaxlib's PyTreeDef stub declares no __eq__.)

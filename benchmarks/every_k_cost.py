@@ -171,8 +171,9 @@ def main(argv=None):
     f"Median of {rounds} interleaved rounds of {steps} jitted steps after "
     f"warm-up; batch {BATCH} of {IN_SHAPE[0]}x{IN_SHAPE[1]}x{IN_SHAPE[2]} "
     "random inputs; the example models `mlp` and `cnn` of "
-    "`gnorm_optax.examples.models` (the same as in `step_cost.py` and "
-    "`multi_device.py`); `chain(gx.sam(0.05, every_k=k), sgd(0.05, "
+    "`gnorm_optax.examples.models` (the same as in `multi_device.py`; "
+    "`scaling.py` measures every_k at other model sizes and under "
+    "`jax.vmap`); `chain(gx.sam(0.05, every_k=k), sgd(0.05, "
     "momentum=0.9))`. Target for every_k: `1.05 * (1 + 1/k)`.",
     "",
     "| model (params) | variant | ms / step | ratio to plain | target | grad_fn "

@@ -16,12 +16,15 @@ import tempfile
 HERE = pathlib.Path(__file__).resolve().parent
 # script -> the arguments of its full mode (the one that writes RESULTS.md)
 SCRIPTS = {
-  "step_cost.py": [],
+  "scaling.py": [],
   "every_k_cost.py": [],
   "multi_device.py": [],
   "generalization.py": ["--full"],
   "agr.py": [],
   "dln.py": [],
+  # Without a GPU: "no GPU: skipped" (its --small also renders a tiny CPU run
+  # through the writer). With one: measures; --record renders the JSON.
+  "gpu_check.py": [],
 }
 
 

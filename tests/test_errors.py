@@ -112,7 +112,7 @@ def test_grad_fn_returning_wrong_tree(make, bad_grad_fn, match):
     (
       lambda: gx.sam(0.05, on_nonfinite="skip"),
       ValueError,
-      r"on_nonfinite must be one of 'clean', 'zero'; got 'skip'",
+      r"on_nonfinite must be one of 'clean', 'zero', 'propagate'; got 'skip'",
     ),
     (
       lambda: gx.sam(0.05, every_k=0),

@@ -7,7 +7,8 @@ floors (measured on XLA:CPU, see benchmarks/RESULTS.md for the sizes):
 
 - `optax.contrib.sam` holds the perturbed point (one copy) in the place of a
   plain step's gradient; `gx.sam(on_nonfinite="zero")` is within 0.1 copy of
-  it. The default `gx.sam` keeps `g` for the fallback: one copy more.
+  it, and `on_nonfinite="propagate"` (no check) is at it. The default
+  `gx.sam` keeps `g` for the fallback: one copy more.
 - `penalized_grad` and `finite_difference_gr` need `g` and `g'` at once: one
   copy over optax's SAM (F-GR's measure of its perturbed point adds 0.2).
 - `every_k=5` adds its cache (one copy) and nothing else, with donation.
@@ -88,11 +89,12 @@ def floor():
   "make, over_floor",
   [
     (lambda: gx.sam(0.05, on_nonfinite="zero"), 0.1),
+    (lambda: gx.sam(0.05, on_nonfinite="propagate"), 0.05),
     (lambda: gx.sam(0.05), 1.1),
     (lambda: gx.penalized_grad(0.05, 0.8), 1.1),
     (lambda: gx.finite_difference_gr(0.1, 0.01), 1.3),
   ],
-  ids=["sam-zero", "sam", "penalized_grad", "finite_difference_gr"],
+  ids=["sam-zero", "sam-propagate", "sam", "penalized_grad", "finite_difference_gr"],
 )
 def test_second_gradient_step_at_the_floor(floor, make, over_floor):
   extra = copies(optax.chain(make(), optax.sgd(0.1))) - floor

@@ -6,7 +6,8 @@ float64 property tests.
   for that step and is counted; a non-finite clean gradient is passed through
   (NaN in, NaN out) without poisoning the state; `optax.apply_if_finite`
   around the chain skips such steps and leaves the inner state untouched;
-  with `on_nonfinite="zero"` such a step returns zeros.
+  with `on_nonfinite="zero"` such a step returns zeros, with "propagate" it
+  is not checked.
   Degenerate steps (a perturbation lost to bfloat16 rounding or to a tiny
   epsilon, or an overflowing norm) are counted, and `perturb_dtype` keeps the
   perturbation. `optax.lookahead`'s pattern.
@@ -144,18 +145,18 @@ def test_faults_in_jit(case, loss_fn, params_sequence):
 
 
 @second_gradient_cases
-def test_on_nonfinite_zero_returns_zeros(case, loss_fn, params_sequence):
-  """`on_nonfinite="zero"`: a refresh step whose extra gradient is NaN
-  returns zeros (with every_k=3 step 0 refreshes, step 1 reuses the cache)
-  and is counted; the other steps equal the default's."""
+@pytest.mark.parametrize("mode", ["zero", "propagate"])
+def test_on_nonfinite_zero_and_propagate(case, loss_fn, params_sequence, mode):
+  """A refresh step whose extra gradient is NaN (with every_k=3 step 0
+  refreshes, step 1 reuses the cache) returns zeros and is counted with
+  `on_nonfinite="zero"`, and comes out non-finite, uncounted, with
+  `"propagate"`; a reuse step equals the default's with "zero"."""
   seq = params_sequence(2)
   grads = [jax.grad(loss_fn)(p) for p in seq]
   k = 3 if "every_k=3" in case.id else 1
-  factors = [np.nan, np.nan]
-  default = case.make(**case.hparams)
-  zero = case.make(**case.hparams, on_nonfinite="zero")
   outs = {}
-  for name, tx in (("clean", default), ("zero", zero)):
+  for name in ("clean", mode):
+    tx = case.make(**case.hparams, on_nonfinite=name)
 
     def step(params, g, state, factor, tx=tx):
       def grad_fn(p):
@@ -164,16 +165,20 @@ def test_on_nonfinite_zero_returns_zeros(case, loss_fn, params_sequence):
 
       return tx.update(g, state, params, grad_fn=grad_fn)
 
-    outs[name] = run_faults(tx, jax.jit(step), factors, grads, seq)
-  (clean, _), (zeros, states) = outs["clean"], outs["zero"]
-  for t in range(2):
-    if t % k == 0:  # a refresh: zeros instead of g
-      assert leaves_bitwise_equal(clean[t], grads[t]), t
-      for leaf in jax.tree.leaves(zeros[t]):
+    outs[name] = run_faults(tx, jax.jit(step), [np.nan, np.nan], grads, seq)
+  (clean, _), (got, states) = outs["clean"], outs[mode]
+  refreshes = [t for t in range(2) if t % k == 0]
+  for t in refreshes:
+    assert leaves_bitwise_equal(clean[t], grads[t]), t
+    if mode == "zero":
+      for leaf in jax.tree.leaves(got[t]):
         np.testing.assert_array_equal(leaf, 0)
-    else:  # a reuse of the (reset) cache: as the default
-      assert leaves_bitwise_equal(zeros[t], clean[t]), t
-  assert int(states[-1].nonfinite_count) == len(range(0, 2, k))
+    else:
+      assert not all_finite(got[t]), t
+  if mode == "zero" and k == 3:  # a reuse of the (reset) cache
+    assert leaves_bitwise_equal(got[1], clean[1])
+  counted = len(refreshes) if mode == "zero" else 0
+  assert int(states[-1].nonfinite_count) == counted
 
 
 # ----------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def resolve_grad_fn(
 
 # What a step whose extra gradient is not finite returns (see
 # `SecondGradientState`).
-ON_NONFINITE = ("clean", "zero")
+ON_NONFINITE = ("clean", "zero", "propagate")
 
 
 class SecondGradientState(NamedTuple):
@@ -172,6 +172,14 @@ class SecondGradientState(NamedTuple):
     only changes what a faulty step returns. A zero update is not a skipped
     step: an optimizer with momentum after it still moves the params by its
     momentum (wrap the chain in `optax.apply_if_finite` to skip steps).
+    Either guard reads the extra gradient once more before the update can
+    use it; `on_nonfinite="propagate"` does not check at all, as
+    `optax.contrib.sam` does not: a non-finite extra gradient reaches the
+    update (and, with `every_k`, the cache) and `nonfinite_count` stays 0.
+    It is for steps wrapped in `optax.apply_if_finite`, which makes its own
+    check, or for models small enough that a pass over the parameters
+    matters (on a GPU the guard costs up to 20% of a SAM step on a
+    parameter-bound MLP; `benchmarks/RESULTS.md`).
   * A non-finite incoming gradient `g` is not hidden: it is passed through (on
     a refresh step the update is exactly `g`, on a reuse step `g` plus the
     cached correction), counted in `nonfinite_count`, and the cache is not
@@ -371,8 +379,8 @@ def second_gradient_transformation(
       or an `apply_fn` that returns the extra gradient itself, as SAM's
       does), and the update selects `g` explicitly on such a step.
     on_nonfinite: what a step whose extra gradient is not finite returns:
-      `"clean"`, the incoming gradient `g`; `"zero"`, zeros (see
-      `SecondGradientState`).
+      `"clean"`, the incoming gradient `g`; `"zero"`, zeros; `"propagate"`,
+      no check (see `SecondGradientState`).
 
   Returns:
     An optax.GradientTransformationExtraArgs.
@@ -448,8 +456,11 @@ def second_gradient_transformation(
       probe = Probe(checked_grad_fn, params, perturb_dtype, axis_name)
       d = correction_fn(probe, g_perturb, g, params, hp)
       d = jax.tree.map(lambda di, gi: di.astype(gi.dtype), d, g)
-      finite = tree_all_finite(d)
-      d = optax.tree.where(finite, d, optax.tree.zeros_like(d))
+      if on_nonfinite == "propagate":
+        finite = jnp.asarray(True)
+      else:
+        finite = tree_all_finite(d)
+        d = optax.tree.where(finite, d, optax.tree.zeros_like(d))
       error = jnp.max(jnp.stack(probe.errors)) if probe.errors else jnp.zeros([])
       error = error.astype(jnp.float32)
       if axis_name is not None:  # one value for all devices (and the state)
@@ -486,7 +497,7 @@ def second_gradient_transformation(
     out = apply_fn(g, d, hp)  # = g where d was zeroed (identity_at_zero)
     if on_nonfinite == "zero":
       out = optax.tree.where(finite, out, optax.tree.zeros_like(out))
-    elif not identity_at_zero:
+    elif not identity_at_zero and on_nonfinite == "clean":
       out = optax.tree.where(finite, out, g)
     out = optax.tree.cast_like(out, updates)
     new_state = SecondGradientState(

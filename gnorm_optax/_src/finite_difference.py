@@ -107,7 +107,8 @@ def finite_difference_gr(
       each parameter's; e.g. `jnp.float32` for bfloat16 params); None: the
       params' dtypes.
     on_nonfinite: a step whose extra gradient is not finite returns `g`
-      (`"clean"`) or zeros (`"zero"`); see `gnorm_optax.SecondGradientState`.
+      (`"clean"`) or zeros (`"zero"`), or is not checked (`"propagate"`); see
+      `gnorm_optax.SecondGradientState`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -180,7 +181,8 @@ def gradient_regularization(
     every_k: recompute `H g` on one step in `every_k` (>= 1).
     axis_name: inside `shard_map`/`pmap`, average the gradients over this axis.
     on_nonfinite: a step whose `H g` is not finite returns `g` (`"clean"`)
-      or zeros (`"zero"`); see `gnorm_optax.SecondGradientState`.
+      or zeros (`"zero"`), or is not checked (`"propagate"`); see
+      `gnorm_optax.SecondGradientState`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.

@@ -139,7 +139,8 @@ def penalized_grad(
     perturb_dtype: form the perturbed point in this dtype (promoted with each
       parameter's; e.g. `jnp.float32` for bfloat16 params); None: the params'.
     on_nonfinite: a step whose extra gradient is not finite returns `g`
-      (`"clean"`) or zeros (`"zero"`); see `gnorm_optax.SecondGradientState`.
+      (`"clean"`) or zeros (`"zero"`), or is not checked (`"propagate"`); see
+      `gnorm_optax.SecondGradientState`.
     eps: added to the norm so that a zero gradient gives a zero step.
 
   Returns:
@@ -290,7 +291,9 @@ def sam(
       `penalized_grad`); None: the params' dtypes.
     on_nonfinite: a step whose adversarial gradient is not finite returns
       `g` (`"clean"`, the default) or zeros (`"zero"`: no copy of `g` is kept
-      through the second pass, the memory of `optax.contrib.sam`).
+      through the second pass, the memory of `optax.contrib.sam`), or is
+      not checked (`"propagate"`: no pass over `g'` either, as
+      `optax.contrib.sam`); see `gnorm_optax.SecondGradientState`.
     eps: added to the norm so that a zero gradient gives a zero step.
 
   Returns:
@@ -390,7 +393,8 @@ def gsam(
     perturb_dtype: form the perturbed point in this dtype (see
       `penalized_grad`); None: the params' dtypes.
     on_nonfinite: a step whose adversarial gradient is not finite returns
-      `g` (`"clean"`) or zeros (`"zero"`); see `gnorm_optax.SecondGradientState`.
+      `g` (`"clean"`) or zeros (`"zero"`), or is not checked (`"propagate"`); see
+      `gnorm_optax.SecondGradientState`.
     eps: added to the norm so that a zero gradient gives a zero step.
 
   Returns:

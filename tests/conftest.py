@@ -123,6 +123,15 @@ def _second_gradient_cases() -> list[Case]:
       quad=dict(rho=0.01),
       rosen=dict(rho=0.003),
     ),
+    Case(
+      "gsam",
+      gx.gsam,
+      dict(rho=0.05, alpha=0.1),
+      dict(rho=0.2, alpha=0.3),
+      "grad_fn",
+      quad=dict(rho=0.01, alpha=0.1),
+      rosen=dict(rho=0.003, alpha=0.1),
+    ),
   ]
   for scheme in ("forward", "backward", "central"):
     base.append(

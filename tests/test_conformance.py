@@ -49,6 +49,7 @@ def test_every_public_transform_is_a_case(cases):
     "finite_difference_gr",
     "flooding",
     "gradient_regularization",
+    "gsam",
     "penalized_grad",
     "sam",
   }

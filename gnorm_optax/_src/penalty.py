@@ -58,6 +58,20 @@ def _perturbation(
   return jax.tree.map(lambda ti, tgi: rho * ti * tgi / (norm + eps), t, tg), norm
 
 
+def _check_step_args(owner, rho, eta, eps, adaptive, adaptive_mask) -> None:
+  """The factory checks of SAM's (or ASAM's) ascent step."""
+  checks.check_scalar(
+    "rho", rho, minimum=0.0, fix="use rho=0 for no penalty", owner=owner
+  )
+  checks.check_scalar("eta", eta, minimum=0.0, owner=owner)
+  checks.check_scalar("eps", eps, minimum=0.0, owner=owner)
+  if adaptive_mask is not None and not adaptive:
+    raise ValueError(
+      "adaptive_mask only applies to ASAM's step: pass adaptive=True with it, "
+      "or drop adaptive_mask"
+    )
+
+
 def penalized_grad(
   rho: optax.ScalarOrSchedule = 0.05,
   alpha: optax.ScalarOrSchedule = 0.8,
@@ -166,17 +180,8 @@ def penalized_grad(
     Scale-Invariant Learning of Deep Neural Networks*, ICML 2021,
     https://arxiv.org/abs/2102.11600
   """
-  checks.check_scalar(
-    "rho", rho, minimum=0.0, fix="use rho=0 for no penalty", owner="penalized_grad"
-  )
+  _check_step_args("penalized_grad", rho, eta, eps, adaptive, adaptive_mask)
   checks.check_scalar("alpha", alpha, owner="penalized_grad")
-  checks.check_scalar("eta", eta, minimum=0.0, owner="penalized_grad")
-  checks.check_scalar("eps", eps, minimum=0.0, owner="penalized_grad")
-  if adaptive_mask is not None and not adaptive:
-    raise ValueError(
-      "adaptive_mask only applies to ASAM's step: pass adaptive=True with it, "
-      "or drop adaptive_mask"
-    )
 
   # With alpha = 1 and nothing cached (SAM), the update is g' itself: formed
   # as g + (g' - g), it would keep g alive through the second pass.
@@ -416,19 +421,10 @@ def gsam(
     ICLR 2022, https://arxiv.org/abs/2203.08065 (big_vision's
     `trainers/proj/gsam/gsam.py` is the authors' JAX code).
   """
-  checks.check_scalar(
-    "rho", rho, minimum=0.0, fix="use rho=0 for no penalty", owner="gsam"
-  )
+  _check_step_args("gsam", rho, eta, eps, adaptive, adaptive_mask)
   checks.check_scalar(
     "alpha", alpha, minimum=0.0, fix="use alpha=0 for SAM", owner="gsam"
   )
-  checks.check_scalar("eta", eta, minimum=0.0, owner="gsam")
-  checks.check_scalar("eps", eps, minimum=0.0, owner="gsam")
-  if adaptive_mask is not None and not adaptive:
-    raise ValueError(
-      "adaptive_mask only applies to ASAM's step: pass adaptive=True with it, "
-      "or drop adaptive_mask"
-    )
   # With nothing cached the update is returned as is (not as g + (update - g)).
   direct = isinstance(every_k, int) and every_k == 1
 

@@ -4,7 +4,10 @@ Used by ``generalization.py`` and ``agr.py``. It builds the optimizer of a
 method name, trains one of the example models (``gnorm_optax.examples.models``)
 on a registered data set with an ``nnx.jit`` train step, evaluates it, and
 measures the final full-batch gradient norm and top Hessian eigenvalue
-(``gx.hessian_top_eigenvalue``) on a fixed probe subset of the training set.
+(``gx.hessian_top_eigenvalue``) on a fixed probe subset of the training set;
+with ``RunConfig(spectrum=True)`` also the top five eigenvalues, the
+eigenvalue density by stochastic Lanczos quadrature and a 1-D loss slice along
+a filter-normalized random direction.
 Around it: running many configurations (with an optional JSON cache of
 finished runs), mean ± std over seeds, and paired by-seed comparisons.
 
@@ -12,9 +15,14 @@ Only the public API is used: ``gnorm_optax`` (as ``gx``),
 ``gnorm_optax.flax.nnx_grad_fn``, and the examples' ``data`` and ``models``.
 
 A data set is an entry of ``DATASETS``: a loader ``(label_noise, seed) ->
-Dataset`` and its number of classes; the model's input shape is read from the
-data. Adding one (e.g. MNIST-1D) is one entry, and ``RunConfig(dataset=...)``
-selects it.
+Dataset``, its number of classes and any model arguments it needs; the
+model's input shape is read from the data. ``RunConfig(dataset=...)`` selects
+one: ``digits`` or ``mnist1d``.
+
+An MLP trains one epoch per call, as a ``lax.scan`` over its steps (the same
+batches and values as a step per call, several times faster for small
+models). Convolutional models take one ``nnx.jit`` call per step: XLA:CPU
+compiles convolutions inside a loop body off its fast path.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import gnorm_optax as gx
 from gnorm_optax.examples import data
 from gnorm_optax.examples import models
 from gnorm_optax.flax import nnx_grad_fn
+from gnorm_optax.flax import nnx_value_fn
 
 
 class DataSpec(NamedTuple):
@@ -49,10 +58,13 @@ class DataSpec(NamedTuple):
     load: ``load(label_noise, seed) -> data.Dataset``; the seed fixes the
       split and the label noise.
     num_classes: number of classes (the model's output logits).
+    model_kwargs: extra constructor arguments by model name (none so far:
+      the MLP is already the MNIST-1D paper's 100 wide on 1-D signals).
   """
 
   load: Callable[[float, int], data.Dataset]
   num_classes: int
+  model_kwargs: dict[str, dict[str, Any]] = {}
 
 
 DATASETS: dict[str, DataSpec] = {
@@ -60,14 +72,21 @@ DATASETS: dict[str, DataSpec] = {
     lambda noise, seed: data.load_digits(label_noise=noise, seed=seed),
     data.NUM_CLASSES,
   ),
+  # The MLP on these signals is the paper's 40-100-100-10.
+  "mnist1d": DataSpec(
+    lambda noise, seed: data.load_mnist1d(label_noise=noise, seed=seed),
+    data.NUM_CLASSES,
+  ),
 }
 
 # Methods built as `chain(<gradient transform>, sgd with momentum)`.
 SGD_METHODS = ("sgd", "sam", "gnp", "fdgr", "bdgr", "gr", "flooding")
 # Complete Adam-type optimizers (AGR and the plain ones it goes in front of).
-ADAPTIVE_METHODS = ("adamw", "agr_adamw", "adan", "agr_adan")
+ADAPTIVE_METHODS = ("adam", "adamw", "agr_adamw", "adan", "agr_adan")
 METHODS = SGD_METHODS + ADAPTIVE_METHODS
 _EVAL_CHUNK = 1000  # test samples per forward pass in `evaluate`
+_SCAN_MODELS = ("mlp",)  # trained an epoch per call (no convolution)
+TOP_K = 5  # eigenvalues of the spectrum diagnostics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +114,16 @@ class RunConfig:
     label_noise: fraction of training labels replaced by a wrong class.
     train_size: keep the first this many training samples (None: all).
     test_size: keep the first this many test samples (None: all).
+    val_fraction: if > 0, the last this fraction of the training set is held
+      out and takes the test set's place (noisy labels, as a practitioner's
+      validation set has): the hyperparameter search runs there, never on
+      the test set.
+    schedule: ``"cosine"`` (decayed to 0 over the run) or ``"constant"``.
     probe_size: the first this many training samples (noisy labels) are the
       probe set of the final gradient norm and Hessian eigenvalue; 0 skips.
     hessian_iters: the most Lanczos steps for the eigenvalue; 0 skips it.
+    spectrum: also measure the top ``TOP_K`` eigenvalues, the SLQ density
+      and a 1-D filter-normalized loss slice on the probe set.
   """
 
   method: str = "sgd"
@@ -116,8 +142,11 @@ class RunConfig:
   label_noise: float = 0.2
   train_size: int | None = None
   test_size: int | None = None
+  val_fraction: float = 0.0
+  schedule: str = "cosine"
   probe_size: int = 512
   hessian_iters: int = 20
+  spectrum: bool = False
 
 
 def default_lr(method: str) -> float:
@@ -144,6 +173,7 @@ def make_optimizer(
   gamma: float = RunConfig.gamma,
   epsilon: float = RunConfig.epsilon,
   flood_level: float = RunConfig.flood_level,
+  schedule: str = RunConfig.schedule,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the optimizer of ``method`` with a cosine-decayed learning rate.
 
@@ -157,6 +187,7 @@ def make_optimizer(
     gamma: penalty strength of ``gr``, ``fdgr`` and ``bdgr``.
     epsilon: finite-difference step of ``fdgr`` and ``bdgr``.
     flood_level: flood level of ``flooding``.
+    schedule: ``"cosine"`` or ``"constant"`` learning rate.
 
   Returns:
     A transformation whose ``update`` takes ``grad_fn`` and ``value`` keyword
@@ -166,13 +197,20 @@ def make_optimizer(
   Raises:
     ValueError: for an unknown method.
   """
-  schedule = optax.cosine_decay_schedule(lr, decay_steps=steps)
+  if schedule not in ("cosine", "constant"):
+    raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+  lr_schedule = (
+    optax.cosine_decay_schedule(lr, decay_steps=steps)
+    if schedule == "cosine"
+    else optax.constant_schedule(lr)
+  )
   adaptive = {
-    "adamw": lambda: optax.adamw(schedule),
-    "agr_adamw": lambda: gx.agr_adamw(schedule),
+    "adam": lambda: optax.adam(lr_schedule),
+    "adamw": lambda: optax.adamw(lr_schedule),
+    "agr_adamw": lambda: gx.agr_adamw(lr_schedule),
     # The paper's Adan, which gx.agr_adan puts AGR in front of.
-    "adan": lambda: gx.adan(schedule),
-    "agr_adan": lambda: gx.agr_adan(schedule),
+    "adan": lambda: gx.adan(lr_schedule),
+    "agr_adan": lambda: gx.agr_adan(lr_schedule),
   }
   if method in adaptive:
     return optax.with_extra_args_support(adaptive[method]())
@@ -187,7 +225,7 @@ def make_optimizer(
   }
   if method not in gradient:
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-  return optax.chain(gradient[method](), optax.sgd(schedule, momentum=momentum))
+  return optax.chain(gradient[method](), optax.sgd(lr_schedule, momentum=momentum))
 
 
 def loss_fn(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -210,6 +248,25 @@ def train_step(
   loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
   optimizer.update(model, grads, grad_fn=grad_fn, value=loss)
   return loss
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _scan_epoch(graphdef, state, x, y, order):
+  """One epoch as a ``lax.scan`` of ``train_step``'s body over ``order``'s rows.
+
+  ``state`` is ``nnx.split((model, optimizer))``'s; each row of ``order``
+  indexes one batch of ``(x, y)``. Returns the new state and the losses.
+  """
+
+  def step(state, idx):
+    model, optimizer = nnx.merge(graphdef, state)
+    xb, yb = x[idx], y[idx]
+    grad_fn = nnx_grad_fn(model, loss_fn, xb, yb)
+    loss, grads = nnx.value_and_grad(loss_fn)(model, xb, yb)
+    optimizer.update(model, grads, grad_fn=grad_fn, value=loss)
+    return nnx.state((model, optimizer)), loss
+
+  return jax.lax.scan(step, state, order)
 
 
 @nnx.jit
@@ -237,6 +294,82 @@ def _flatness(model, x, y, key, num_iters):
     return grad_norm, jnp.full((), jnp.nan)
   top = gx.hessian_top_eigenvalue(grad_fn, params, key=key, num_iters=num_iters)
   return grad_norm, top
+
+
+# The spectrum diagnostics: Lanczos steps for the top eigenvalues, SLQ probes
+# and steps, and the loss slice's grid.
+SPECTRUM = dict(top_iters=40, slq_probes=3, slq_iters=24, slice_points=21, span=1.0)
+
+
+@nnx.jit
+def _spectrum(model, x, y, key):
+  grad_fn = nnx_grad_fn(model, loss_fn, x, y)
+  value_fn = nnx_value_fn(model, loss_fn, x, y)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  k_top, k_slq, k_slice = jax.random.split(key, 3)
+  top = gx.hessian_top_eigenvalues(
+    grad_fn, params, key=k_top, k=TOP_K, num_iters=SPECTRUM["top_iters"]
+  )
+  slq = gx.hessian_spectral_density(
+    grad_fn,
+    params,
+    key=k_slq,
+    num_probes=SPECTRUM["slq_probes"],
+    num_iters=SPECTRUM["slq_iters"],
+  )
+  landscape = gx.loss_landscape(
+    value_fn,
+    params,
+    key=k_slice,
+    num_points=SPECTRUM["slice_points"],
+    span=SPECTRUM["span"],
+  )
+  n = sum(p.size for p in jax.tree.leaves(params))
+  return (
+    top,
+    slq.nodes,
+    slq.weights,
+    n * slq.moment(1),
+    landscape.coords,
+    landscape.values,
+  )
+
+
+def spectrum(
+  model: nnx.Module, x: np.ndarray, y: np.ndarray, *, key: jax.Array
+) -> dict[str, Any]:
+  """Top eigenvalues, SLQ density and a 1-D loss slice of the loss on ``(x, y)``.
+
+  In evaluation mode (left there). The slice is along one filter-normalized
+  random direction ``d`` (Li et al., 2018): ``L(theta + a d)`` for ``a`` in
+  ``[-1, 1]``; ``slice_rise`` is the mean of ``L(theta + a d) - L(theta)`` at
+  ``a = -0.5`` and ``0.5`` (a step of half of every filter's norm).
+
+  Args:
+    model: the classifier.
+    x: probe inputs.
+    y: probe labels.
+    key: seeds the Lanczos start, the SLQ probes and the direction.
+
+  Returns:
+    ``{"hessian_top_eigenvalues" (TOP_K, descending), "slq_nodes",
+    "slq_weights" (probes x steps), "slq_trace" (n times the first moment),
+    "slice_coords", "slice_values", "slice_rise"}`` as lists and floats.
+  """
+  model.eval()
+  out = jax.device_get(_spectrum(model, x, y, key))
+  top, nodes, weights, trace, coords, values = out
+  centre, half = len(coords) // 2, len(coords) // 4
+  rise = 0.5 * (values[centre - half] + values[centre + half]) - values[centre]
+  return {
+    "hessian_top_eigenvalues": [float(v) for v in top],
+    "slq_nodes": np.asarray(nodes).tolist(),
+    "slq_weights": np.asarray(weights).tolist(),
+    "slq_trace": float(trace),
+    "slice_coords": np.asarray(coords).tolist(),
+    "slice_values": np.asarray(values).tolist(),
+    "slice_rise": float(rise),
+  }
 
 
 def flatness(
@@ -273,17 +406,32 @@ def flatness(
 
 
 def load(config: RunConfig) -> data.Dataset:
-  """The data set of ``config``, cut to ``train_size`` / ``test_size``."""
+  """The data set of ``config``, cut to ``train_size`` / ``test_size``.
+
+  With ``val_fraction > 0`` the last ``round(val_fraction * n)`` of the
+  ``n`` training samples are the returned test set (with their noisy
+  labels), and the real test set is not returned.
+  """
   if config.dataset not in DATASETS:
     raise ValueError(
       f"unknown dataset {config.dataset!r}; choose from {sorted(DATASETS)}"
     )
   ds = DATASETS[config.dataset].load(config.label_noise, config.seed)
+  x, y = ds.x_train[: config.train_size], ds.y_train[: config.train_size]
+  if config.val_fraction > 0:
+    n_val = round(config.val_fraction * len(y))
+    if not 0 < n_val < len(y):
+      raise ValueError(
+        f"val_fraction must leave both parts non-empty, got {config.val_fraction}"
+      )
+    return data.Dataset(
+      x[:-n_val],
+      y[:-n_val],
+      x[-n_val:][: config.test_size],
+      y[-n_val:][: config.test_size],
+    )
   return data.Dataset(
-    ds.x_train[: config.train_size],
-    ds.y_train[: config.train_size],
-    ds.x_test[: config.test_size],
-    ds.y_test[: config.test_size],
+    x, y, ds.x_test[: config.test_size], ds.y_test[: config.test_size]
   )
 
 
@@ -324,11 +472,13 @@ def train(
       f"batch_size must be in [1, {len(ds.x_train)}], got {config.batch_size}"
     )
   per_epoch = len(ds.x_train) // config.batch_size
+  spec = DATASETS[config.dataset]
   model = models.make_model(
     config.model,
     config.seed,
     ds.x_train.shape[1:],
-    DATASETS[config.dataset].num_classes,
+    spec.num_classes,
+    **spec.model_kwargs.get(config.model, {}),
   )
   tx = make_optimizer(
     config.method,
@@ -340,20 +490,31 @@ def train(
     gamma=config.gamma,
     epsilon=config.epsilon,
     flood_level=config.flood_level,
+    schedule=config.schedule,
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  scan = config.model in _SCAN_MODELS
+  if scan:
+    x_dev, y_dev = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   batch_rng = np.random.default_rng(config.seed)
   step_loss, train_loss, test_accuracy = [], [], []
   diverged_epoch = None
   for epoch in range(1, config.epochs + 1):
     model.train()
-    losses = [
-      train_step(model, optimizer, xb, yb)
-      for xb, yb in data.iterate_batches(
-        ds.x_train, ds.y_train, config.batch_size, batch_rng
-      )
-    ]
-    losses = [float(v) for v in jax.device_get(losses)]
+    if scan:  # The batches of `data.iterate_batches`, as indices.
+      order = batch_rng.permutation(len(ds.x_train))
+      order = order[: per_epoch * config.batch_size].reshape(per_epoch, -1)
+      graphdef, state = nnx.split((model, optimizer))
+      state, losses = _scan_epoch(graphdef, state, x_dev, y_dev, order)
+      nnx.update((model, optimizer), state)
+    else:
+      losses = [
+        train_step(model, optimizer, xb, yb)
+        for xb, yb in data.iterate_batches(
+          ds.x_train, ds.y_train, config.batch_size, batch_rng
+        )
+      ]
+    losses = [float(v) for v in np.asarray(jax.device_get(losses)).ravel()]
     step_loss += losses
     train_loss.append(float(np.mean(losses)))
     test_accuracy.append(evaluate(model, ds.x_test, ds.y_test))
@@ -370,6 +531,10 @@ def train(
     key=jax.random.key(config.seed),
     hessian_iters=config.hessian_iters,
   )
+  if config.spectrum and not diverged_epoch and config.probe_size:
+    diagnostics |= spectrum(
+      model, ds.x_train[probe], ds.y_train[probe], key=jax.random.key(config.seed)
+    )
   return finite_or_none(
     {
       "config": dataclasses.asdict(config),
@@ -530,3 +695,37 @@ def group(results: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
   for r in results:
     out.setdefault(r["label"], []).append(r)
   return out
+
+
+# Two-sided 5% critical values of Student's t, by degrees of freedom.
+_T_CRIT = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31}
+
+
+def paired_test(p: dict[str, Any]) -> dict[str, Any]:
+  """Paired t-test of a ``paired`` result: is the mean difference beyond noise?
+
+  ``t = mean / (std / sqrt(n))`` over the ``n`` seeds; the difference is
+  called one when ``|t|`` exceeds the two-sided 5% critical value of
+  Student's t with ``n - 1`` degrees of freedom (2.78 for 5 seeds), i.e. when
+  the mean exceeds about 1.2 paired standard deviations at 5 seeds.
+
+  Args:
+    p: the output of ``paired``.
+
+  Returns:
+    ``p`` with ``"n"``, ``"t"`` (None when undefined) and ``"verdict"``:
+    ``"higher"``, ``"lower"``, ``"no difference"`` or ``"n/a"`` (fewer than
+    two seeds).
+  """
+  diffs = [d for d in p["diffs"] if d is not None]
+  n = len(diffs)
+  if n < 2 or p["mean"] is None:
+    return {**p, "n": n, "t": None, "verdict": "n/a"}
+  std = float(np.std(diffs, ddof=1))
+  if std == 0:
+    t = 0.0 if p["mean"] == 0 else float(np.sign(p["mean"]) * np.inf)
+  else:
+    t = p["mean"] / (std / np.sqrt(n))
+  crit = _T_CRIT.get(n - 1, 1.96 + 2.5 / (n - 1))
+  verdict = "no difference" if abs(t) <= crit else ("higher" if t > 0 else "lower")
+  return {**p, "n": n, "t": t if np.isfinite(t) else None, "verdict": verdict}

@@ -112,6 +112,26 @@ def test_iterate_batches_drops_the_remainder_and_reshuffles():
     next(data.iterate_batches(x, y, 11, rng))
 
 
+def test_load_mnist1d_is_the_published_benchmark_with_label_noise():
+  state = np.random.get_state()
+  clean = data.load_mnist1d(label_noise=0.0, seed=0)
+  assert np.random.get_state()[1].tolist() == state[1].tolist()  # not reseeded
+  assert clean.x_train.shape == (4000, *data.SIGNAL_SHAPE)
+  assert clean.x_test.shape == (1000, *data.SIGNAL_SHAPE)
+  assert clean.x_train.dtype == np.float32 and clean.y_train.dtype == np.int32
+  assert abs(float(clean.x_train.mean())) < 0.05  # standardized by mnist1d
+  assert set(np.unique(clean.y_test)) == set(range(data.NUM_CLASSES))
+  assert train.TRAIN_SIZES["mnist1d"] == len(clean.x_train)
+  noisy = data.load("mnist1d", label_noise=0.2, seed=3)
+  np.testing.assert_array_equal(noisy.x_train, clean.x_train)  # fixed split
+  np.testing.assert_array_equal(noisy.y_test, clean.y_test)
+  assert (noisy.y_train != clean.y_train).sum() == 800
+  again = data.load_mnist1d(label_noise=0.2, seed=3)
+  np.testing.assert_array_equal(again.y_train, noisy.y_train)
+  with pytest.raises(ValueError, match="label_noise must be in"):
+    data.load_mnist1d(label_noise=1.5)
+
+
 def test_missing_flax_names_the_examples_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "flax", None)
   for name in [m for m in sys.modules if m.startswith("gnorm_optax.examples")]:
@@ -139,6 +159,26 @@ def test_models_map_images_to_logits(name, in_shape):
     out = jax.eval_shape(lambda s, x, g=graphdef: nnx.merge(g, s)(x), state, x)
     assert out.shape == (3, 7)
   assert 1_000 < models.count_params(model) < 250_000
+
+
+def test_models_for_1d_signals_are_the_mnist1d_papers():
+  def size(name):
+    return models.count_params(
+      nnx.eval_shape(lambda: models.make_model(name, 0, data.SIGNAL_SHAPE))
+    )
+
+  # 40-100-100-10 MLP; ConvBase: 25 channels, kernels 5, 3, 3, stride 2.
+  assert size("mlp") == 40 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+  assert size("cnn1d") == (5 * 25 + 25) + 2 * (3 * 25 * 25 + 25) + (25 * 5 * 10 + 10)
+  x = jax.ShapeDtypeStruct((3, *data.SIGNAL_SHAPE), jnp.float32)
+  for name in ("mlp", "cnn", "cnn1d"):
+    model = nnx.eval_shape(lambda n=name: models.make_model(n, 0, data.SIGNAL_SHAPE))
+    graphdef, state = nnx.split(model)
+    out = jax.eval_shape(lambda s, x, g=graphdef: nnx.merge(g, s)(x), state, x)
+    assert out.shape == (3, 10)
+  for name in ("resnet", "vit"):
+    with pytest.raises(ValueError, match="takes images"):
+      models.make_model(name, 0, data.SIGNAL_SHAPE)
 
 
 def test_model_names_and_sizes():
@@ -266,6 +306,20 @@ def test_main_trains_prints_and_writes_the_summary(tmp_path, capsys):
   assert results["args"]["lr"] == 0.2 and results["args"]["method"] == "sgd"
 
 
+def test_main_trains_on_mnist1d_with_adam_at_a_constant_lr(capsys):
+  argv = ["--dataset", "mnist1d", "--model", "mlp", "--method", "adam"]
+  argv += ["--schedule", "constant", "--batch-size", "400", "--epochs", "2"]
+  results = train.main(argv)
+  assert "adam on mnist1d (20% label noise), mlp (15,210 parameters)" in (
+    capsys.readouterr().out
+  )
+  assert results["args"]["lr"] == 0.01 and results["final_test_accuracy"] > 0.15
+  tx = train.make_optimizer("sgd", 0.1, steps=10, schedule="constant")
+  params = {"w": jnp.ones(2)}
+  updates, _ = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.1)  # not decayed
+
+
 def test_defaults_are_sam_on_noisy_digits():
   args = vars(train.parse_args([]))
   assert args == dict(
@@ -277,6 +331,7 @@ def test_defaults_are_sam_on_noisy_digits():
     batch_size=64,
     lr=0.02,
     label_noise=0.2,
+    schedule="cosine",
     rho=0.15,
     alpha=0.8,
     output=None,
@@ -311,7 +366,7 @@ def test_bad_flags_are_refused_naming_the_flag(flag, value, rule, capsys):
 @pytest.mark.parametrize(
   "argv, message",
   [
-    (["--method", "adam"], "argument --method: invalid choice: 'adam'"),
+    (["--method", "adamax"], "argument --method: invalid choice: 'adamax'"),
     (["--model", "mlp2"], "argument --model: invalid choice: 'mlp2'"),
     (["--batch-size", "1349"], "argument --batch-size: must be at most 1348"),
   ],

@@ -220,3 +220,135 @@ def test_diagnostics_reject_bad_arguments():
     gx.hessian_top_eigenvalues(g, jnp.ones(2), key=key, k=3)
   with pytest.raises(ValueError, match="num_samples must be >= 1, got 0"):
     gx.hessian_trace(g, params, key=key, num_samples=0)
+
+
+# ----------------------------------------------------------------------------
+# Spectral density (SLQ) and loss-landscape slices.
+# ----------------------------------------------------------------------------
+
+
+def test_slq_on_a_small_model_matches_the_dense_spectrum():
+  loss, params = small_model()
+  h, _ = dense_hessian(loss, params)
+  eig = np.linalg.eigvalsh(h)
+  n, probes = len(eig), 64
+  sd = jax.jit(
+    lambda p, key: gx.hessian_spectral_density(
+      jax.grad(loss), p, key=key, num_probes=probes, num_iters=n
+    )
+  )(params, jax.random.key(3))
+  nodes, weights = np.asarray(sd.nodes, np.float64), np.asarray(sd.weights, np.float64)
+  assert nodes.shape == weights.shape == (probes, n)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+  # With n steps the Krylov space is the whole space: every node that carries
+  # weight is an eigenvalue of the dense Hessian.
+  scale = np.abs(eig).max()
+  carried = nodes[weights > 1e-4]
+  assert np.abs(carried[:, None] - eig[None, :]).min(axis=1).max() < 1e-3 * scale
+  np.testing.assert_allclose(nodes.max(), eig[-1], rtol=1e-3)
+  # The moments estimate tr(H^k) / n within Hutchinson's error.
+  v = 2 * (np.sum(h**2) - np.sum(np.diag(h) ** 2)) / n**2  # Var(v^T H v)
+  assert abs(float(sd.moment(1)) - eig.mean()) < 4 * np.sqrt(v / probes)
+  # The smoothed density integrates to 1.
+  grid = np.linspace(eig[0] - 1, eig[-1] + 1, 4001)
+  density = np.asarray(sd.density(jnp.asarray(grid), sigma=0.05))
+  np.testing.assert_allclose(np.sum(density) * (grid[1] - grid[0]), 1.0, rtol=1e-3)
+
+
+def test_slq_gauss_quadrature_is_exact_to_degree_2m_minus_1():
+  # Diagonal H: every normalized Rademacher probe has v^T H^k v = tr(H^k)/n,
+  # and an m-node Gauss rule is exact for degrees <= 2m - 1, here 7.
+  curvatures = np.linspace(-1.0, 2.0, N)
+  sd = gx.hessian_spectral_density(
+    jax.grad(lambda p: 0.5 * jnp.sum(jnp.asarray(curvatures, jnp.float32) * p**2)),
+    jnp.ones(N),
+    key=jax.random.key(0),
+    num_probes=2,
+    num_iters=4,
+  )
+  assert sd.nodes.shape == (2, 4)
+  for k in range(1, 8):
+    np.testing.assert_allclose(
+      float(sd.moment(k)), np.mean(curvatures**k), rtol=1e-4, atol=1e-5
+    )
+  assert np.all(sd.nodes >= -1 - 1e-5) and np.all(sd.nodes <= 2 + 1e-5)
+
+
+def test_filter_normalization_per_filter_as_li_et_al():
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {
+    "dense": jax.random.normal(k[0], (3, 5)),  # (in, out): a filter is a column
+    "conv": jax.random.normal(k[1], (3, 3, 2, 4)),  # HWIO: per output channel
+    "bias": jnp.ones(5),
+  }
+  d = gx.filter_normalized_direction(jax.random.key(1), params)
+  np.testing.assert_allclose(
+    jnp.linalg.norm(d["dense"], axis=0),
+    jnp.linalg.norm(params["dense"], axis=0),
+    rtol=1e-5,
+  )
+  per_channel = lambda x: jnp.sqrt(jnp.sum(x**2, axis=(0, 1, 2)))  # noqa: E731
+  np.testing.assert_allclose(
+    per_channel(d["conv"]), per_channel(params["conv"]), rtol=1e-5
+  )
+  assert not np.allclose(d["dense"], params["dense"])  # random, not a copy
+  np.testing.assert_array_equal(d["bias"], 0.0)
+  kept = gx.filter_normalized_direction(jax.random.key(1), params, ignore_vectors=False)
+  np.testing.assert_array_equal(kept["bias"], params["bias"])
+  # filter_axis=0: the PyTorch layout (out, in) normalizes rows instead.
+  rows = gx.filter_normalized_direction(jax.random.key(1), params, filter_axis=0)
+  np.testing.assert_allclose(
+    jnp.linalg.norm(rows["dense"], axis=1),
+    jnp.linalg.norm(params["dense"], axis=1),
+    rtol=1e-5,
+  )
+
+
+def test_loss_landscape_of_a_quadratic_matches_the_hand_formula():
+  rng = np.random.default_rng(0)
+  a = rotated(np.linspace(0.5, 3.0, 6), seed=4)
+  b = rng.normal(size=6)
+  theta, d1, d2 = (rng.normal(size=6) for _ in range(3))
+
+  def loss(p):
+    return 0.5 * p @ jnp.asarray(a, jnp.float32) @ p + jnp.asarray(b, jnp.float32) @ p
+
+  def hand(s, t):  # L(theta + s d1 + t d2)
+    p = theta + s * d1 + t * d2
+    return 0.5 * p @ a @ p + b @ p
+
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  one = gx.loss_landscape(
+    loss, f32(theta), directions=(f32(d1),), num_points=5, span=2.0
+  )
+  np.testing.assert_allclose(one.coords, [-2, -1, 0, 1, 2])
+  np.testing.assert_allclose(
+    one.values, [hand(s, 0.0) for s in one.coords], rtol=1e-4, atol=1e-4
+  )
+  two = gx.loss_landscape(
+    loss, f32(theta), directions=(f32(d1), f32(d2)), dims=2, num_points=3
+  )
+  expected = [[hand(s, t) for t in two.coords] for s in two.coords]
+  np.testing.assert_allclose(two.values, expected, rtol=1e-4, atol=1e-4)
+  # Random filter-normalized directions from a key, one per dimension.
+  rand = gx.loss_landscape(loss, f32(theta), key=jax.random.key(0), num_points=3)
+  assert rand.values.shape == (3,) and len(rand.directions) == 1
+  np.testing.assert_allclose(rand.values[1], hand(0.0, 0.0), rtol=1e-5)
+
+
+def test_spectrum_and_landscape_reject_bad_arguments():
+  g = jax.grad(lambda p: jnp.sum(p**2))
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="num_probes must be >= 1, got 0"):
+    gx.hessian_spectral_density(g, jnp.ones(3), key=key, num_probes=0)
+  with pytest.raises(ValueError, match="num_iters must be >= 1, got 0"):
+    gx.hessian_spectral_density(g, jnp.ones(3), key=key, num_iters=0)
+  loss = lambda p: jnp.sum(p**2)  # noqa: E731
+  with pytest.raises(ValueError, match="dims must be 1 or 2, got 3"):
+    gx.loss_landscape(loss, jnp.ones(2), key=key, dims=3)
+  with pytest.raises(ValueError, match="num_points must be an integer >= 2"):
+    gx.loss_landscape(loss, jnp.ones(2), key=key, num_points=1)
+  with pytest.raises(ValueError, match="key is required"):
+    gx.loss_landscape(loss, jnp.ones(2))
+  with pytest.raises(ValueError, match="directions must hold dims=2"):
+    gx.loss_landscape(loss, jnp.ones(2), directions=(jnp.ones(2),), dims=2)

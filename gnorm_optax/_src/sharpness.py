@@ -25,7 +25,7 @@ def hvp(
   r"""Hessian-vector product `H v` of the loss whose gradient is `grad_fn`.
 
   .. math::
-    H v = \frac{\partial}{\partial t} \nabla L(\theta + t v) \Big|_{t=0},
+    H v = \partial_t \nabla L(\theta + t v) |_{t=0},
 
   computed exactly by forward-over-reverse differentiation (`jax.jvp` of
   `grad_fn`): about the cost of two gradients, no Hessian is formed. For
@@ -448,8 +448,7 @@ def hessian_trace(
   r"""Hutchinson's estimate of the Hessian trace.
 
   .. math::
-    \operatorname{tr} H = \mathbb{E}_z\big[z^\top H z\big],\qquad
-    z_i \in \{-1, +1\} \text{ uniformly},
+    \mathrm{tr}\, H = E_z[z^T H z], \quad z_i \in \{-1, +1\} \text{ uniformly},
 
   averaged over `num_samples` Rademacher vectors, one Hessian-vector product
   each. The estimate is unbiased; its spread shrinks like `1/sqrt(num_samples)`.
@@ -491,3 +490,376 @@ def hessian_trace(
 
   keys = jax.random.split(key, int(num_samples))
   return jnp.mean(jax.lax.map(canonical_conv.for_xla_cpu(sample), keys))
+
+
+def _lanczos_tridiagonal(
+  matvec: Callable[[base.Updates], base.Updates],
+  v0: base.Updates,
+  num_steps: int,
+) -> tuple[jax.Array, jax.Array]:
+  """`num_steps` Lanczos steps from the unit vector `v0`: `(alpha, beta)` of T.
+
+  Full reorthogonalization (Gram-Schmidt twice) against the stored basis. When
+  the Krylov space closes (`beta_j ~ 0`), `beta_j` is set to 0 and the later
+  basis vectors to zero, so the rest of `T` is a zero block decoupled from the
+  first one (its eigenvectors have no first component: weight 0).
+  """
+  real_dtype = jnp.result_type(*[jnp.finfo(x.dtype).dtype for x in jax.tree.leaves(v0)])
+  eps = jnp.finfo(real_dtype).eps
+  hi = jax.lax.Precision.HIGHEST
+  m = num_steps
+
+  def coefficients(basis, w):
+    return sum(
+      jnp.real(jnp.tensordot(jnp.conj(b), x, axes=x.ndim, precision=hi)).astype(
+        real_dtype
+      )
+      for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w), strict=True)
+    )
+
+  def orthogonalize(basis, w):
+    total = jnp.zeros((m,), real_dtype)
+    for _ in range(2):
+      c = coefficients(basis, w)
+      w = jax.tree.map(
+        lambda x, b, c=c: x - jnp.tensordot(c.astype(b.dtype), b, axes=1, precision=hi),
+        w,
+        basis,
+      )
+      total = total + c
+    return w, total
+
+  def body(j, state):
+    basis, alpha, beta = state
+    w = matvec(jax.tree.map(lambda b: b[j], basis))
+    w, c = orthogonalize(basis, w)
+    alpha = alpha.at[j].set(c[j])
+    norm = jnp.sqrt(jnp.maximum(_vdot(w, w), 0.0)).astype(real_dtype)
+    scale = jnp.maximum(jnp.max(jnp.abs(alpha)), jnp.max(beta))
+    closed = norm <= m * eps * jnp.maximum(scale, norm)
+    beta = beta.at[j].set(jnp.where(closed, 0.0, norm))
+    inv = jnp.where(closed, 0.0, 1.0 / jnp.where(closed, 1.0, norm))
+    basis = jax.tree.map(
+      lambda b, x: b.at[j + 1].set(x * inv.astype(x.dtype), mode="drop"), basis, w
+    )
+    return basis, alpha, beta
+
+  basis = jax.tree.map(lambda x: jnp.zeros((m, *x.shape), x.dtype).at[0].set(x), v0)
+  zeros = jnp.zeros((m,), real_dtype)
+  _, alpha, beta = jax.lax.fori_loop(
+    0, m, canonical_conv.for_xla_cpu(body), (basis, zeros, zeros)
+  )
+  return alpha, beta
+
+
+class SpectralDensity(NamedTuple):
+  r"""A spectral density estimate: Gauss quadrature nodes and weights per probe.
+
+  Returned by `hessian_spectral_density`. Probe `p` gives the quadrature rule
+  `sum_i weights[p, i] f(nodes[p, i]) ~ v_p^T f(H) v_p`, and the estimate of
+  the density `phi(t) = (1/n) sum_j delta(t - lambda_j)` of the `n`
+  eigenvalues is the average of the probes' rules.
+
+  Attributes:
+    nodes: `(num_probes, num_iters)` Ritz values (eigenvalues of the Lanczos
+      tridiagonal matrices), ascending per probe.
+    weights: `(num_probes, num_iters)` squared first components of the Ritz
+      vectors; each row sums to 1.
+  """
+
+  nodes: jax.Array
+  weights: jax.Array
+
+  def density(self, grid: jax.Array, sigma: float) -> jax.Array:
+    r"""The density smoothed by a Gaussian of width `sigma`, at `grid`.
+
+    .. math::
+      \hat\phi(t) = \frac{1}{P} \sum_{p=1}^{P} \sum_{i=1}^{m} w_{p,i}\,
+      \frac{1}{\sigma\sqrt{2\pi}}
+      \exp\Big(-\frac{(t - \theta_{p,i})^2}{2\sigma^2}\Big),
+
+    which integrates to 1 over the real line.
+
+    Args:
+      grid: points `t` where to evaluate the density, any shape.
+      sigma: the kernel's standard deviation, `> 0`.
+
+    Returns:
+      An array shaped like `grid`.
+    """
+    t = jnp.asarray(grid)[..., None, None]
+    z = (t - self.nodes) / sigma
+    kernel = jnp.exp(-0.5 * z**2) / (sigma * jnp.sqrt(2 * jnp.pi))
+    return jnp.mean(jnp.sum(self.weights * kernel, axis=-1), axis=-1)
+
+  def moment(self, k: int) -> jax.Array:
+    r"""The `k`-th spectral moment estimate `mean_p sum_i w_{p,i} theta_{p,i}^k`.
+
+    It estimates `tr(H^k) / n`, exactly per probe (`= v_p^T H^k v_p`) for
+    `k <= 2 num_iters - 1`, since an `m`-node Gauss rule is exact for
+    polynomials of degree up to `2m - 1`.
+    """
+    return jnp.mean(jnp.sum(self.weights * self.nodes**k, axis=-1))
+
+
+def hessian_spectral_density(
+  grad_fn: Callable[[base.Params], base.Updates],
+  params: base.Params,
+  *,
+  key: jax.Array,
+  num_probes: int = 4,
+  num_iters: int = 30,
+) -> SpectralDensity:
+  r"""Hessian eigenvalue density by stochastic Lanczos quadrature (SLQ).
+
+  The spectral density of the `n x n` Hessian is
+  `phi(t) = (1/n) sum_j delta(t - lambda_j)`. For a random unit vector `v`
+  with `E[v v^T] = I / n` (a Rademacher vector over `sqrt(n)`),
+  `E[v^T f(H) v] = (1/n) sum_j f(lambda_j) = integral f(t) phi(t) dt`. Lanczos
+  from `v` (`m = num_iters` steps, exact Hessian-vector products, full
+  reorthogonalization) gives the tridiagonal `T_m = S Theta S^T`, and
+
+  .. math::
+    v^\top f(H)\, v \approx \sum_{i=1}^{m} w_i f(\theta_i),\qquad
+    w_i = s_{1,i}^2,
+
+  the `m`-point Gauss quadrature of the measure `sum_j (u_j^T v)^2
+  delta(t - lambda_j)`, exact for every polynomial `f` of degree
+  `<= 2m - 1`. Averaging over `num_probes` probes estimates `phi` as a sum of
+  weighted point masses at the Ritz values; `SpectralDensity.density` smooths
+  them with a Gaussian, as PyHessian does. The extreme Ritz values converge to
+  the extreme eigenvalues first, so the support of the estimate shows the
+  outliers (the top eigenvalues) and the bulk near zero.
+
+  Cost: `num_probes * num_iters` Hessian-vector products; memory: a basis of
+  `num_iters` parameter copies (one probe at a time, `lax.map`). Runs inside
+  `jax.jit`. A complex leaf counts as two real parameters.
+
+  Args:
+    grad_fn: `params -> gradient of the loss`, e.g. `jax.grad(loss)`.
+    params: the point where the Hessian is taken, any pytree of arrays.
+    key: a `jax.random` key for the probe vectors.
+    num_probes: number of random probes (>= 1).
+    num_iters: Lanczos steps per probe, a Python int >= 1, capped at the
+      number of real parameters.
+
+  Returns:
+    A `SpectralDensity` of nodes and weights, each
+    `(num_probes, min(num_iters, n))`, in the real compute dtype (at least
+    float32).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gnorm_optax as gx
+    >>> curvatures = jnp.array([4.0, 1.0, 1.0, 0.0])
+    >>> loss = lambda p: 0.5 * jnp.sum(curvatures * p ** 2)
+    >>> sd = gx.hessian_spectral_density(jax.grad(loss), jnp.ones(4),
+    ...                                  key=jax.random.key(0), num_probes=2)
+    >>> print(round(float(sd.moment(1)), 3), round(float(sd.moment(2)), 3))
+    1.5 4.5
+    >>> print(sorted({round(float(x), 3) for x in sd.nodes[0]}))
+    [0.0, 1.0, 4.0]
+
+  References:
+    Lin, Saad, Yang, *Approximating Spectral Densities of Large Matrices*,
+    SIAM Review 2016, https://arxiv.org/abs/1308.5467 ; Ghorbani, Krishnan,
+    Xiao, *An Investigation into Neural Net Optimization via Hessian
+    Eigenvalue Density*, ICML 2019, https://arxiv.org/abs/1901.10159 ; Yao et
+    al., *PyHessian: Neural Networks Through the Lens of the Hessian*, 2020,
+    https://arxiv.org/abs/1912.07145
+  """
+  if int(num_probes) != num_probes or int(num_probes) < 1:
+    raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+  if int(num_iters) != num_iters or int(num_iters) < 1:
+    raise ValueError(f"num_iters must be >= 1, got {num_iters}")
+  leaves = jax.tree.leaves(params)
+  dim = sum(int(np.size(x)) * (2 if jnp.iscomplexobj(x) else 1) for x in leaves)
+  if dim == 0:
+    raise ValueError("params has no entries: the Hessian is empty")
+  m = min(int(num_iters), dim)
+  matvec = _hessian_operator(grad_fn, params)
+  like = upcast(params)
+
+  def probe(k):
+    v = optax.tree.cast_like(_rademacher_like(k, params), like)
+    norm = jnp.sqrt(_vdot(v, v))
+    v = jax.tree.map(lambda x: x / norm.astype(x.dtype), v)
+    alpha, beta = _lanczos_tridiagonal(matvec, v, m)
+    off = beta[:-1]
+    t = jnp.diag(alpha) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    theta, s = jnp.linalg.eigh(t)
+    return theta, s[0] ** 2
+
+  keys = jax.random.split(key, int(num_probes))
+  nodes, weights = jax.lax.map(probe, keys)
+  return SpectralDensity(nodes=nodes, weights=weights)
+
+
+def filter_normalized_direction(
+  key: jax.Array,
+  params: base.Params,
+  *,
+  filter_axis: int = -1,
+  ignore_vectors: bool = True,
+) -> base.Updates:
+  r"""A random direction scaled filter by filter to the norms of `params`.
+
+  Li et al.'s filter normalization makes loss-landscape plots comparable
+  across networks whose weights have different scales (ReLU nets are
+  invariant to rescaling a filter and the next layer): draw
+  `d ~ N(0, I)` shaped like `params`, then for every filter `j` of every
+  weight array
+
+  .. math::
+    d_j \leftarrow \frac{d_j}{\|d_j\|}\,\|\theta_j\|,
+
+  where a filter is the slice of the array at one index of `filter_axis`: the
+  weights that make one output channel or neuron (in Flax/Haiku layouts,
+  `(..., in, out)`, the last axis, the default). Arrays of rank <= 1 (biases,
+  normalization scales) get a zero direction (Li et al.'s default), or with
+  `ignore_vectors=False` a direction equal to the parameter itself (their
+  code's other option).
+
+  Args:
+    key: a `jax.random` key.
+    params: the point, any pytree of real arrays.
+    filter_axis: the output axis of every array of rank >= 2.
+    ignore_vectors: zero direction on arrays of rank <= 1.
+
+  Returns:
+    A pytree shaped like `params`, in their dtypes.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gnorm_optax as gx
+    >>> params = {"w": jnp.array([[3.0, 0.0], [4.0, 1.0]]), "b": jnp.ones(2)}
+    >>> d = gx.filter_normalized_direction(jax.random.key(0), params)
+    >>> print(jnp.round(jnp.linalg.norm(d["w"], axis=0), 3), d["b"])
+    [5. 1.] [0. 0.]
+
+  References:
+    Li, Xu, Taylor, Studer, Goldstein, *Visualizing the Loss Landscape of
+    Neural Nets*, NeurIPS 2018, https://arxiv.org/abs/1712.09913
+  """
+
+  def one(k, x):
+    x = jnp.asarray(x)
+    if x.ndim <= 1:
+      return jnp.zeros_like(x) if ignore_vectors else x
+    d = jax.random.normal(k, x.shape, jnp.float32)
+    axes = tuple(a for a in range(x.ndim) if a != filter_axis % x.ndim)
+    norm = lambda y: jnp.sqrt(jnp.sum(jnp.square(y), axis=axes, keepdims=True))  # noqa: E731
+    d_norm = norm(d)
+    scale = norm(x.astype(jnp.float32)) / jnp.where(d_norm > 0, d_norm, 1.0)
+    return (d * scale).astype(x.dtype)
+
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  return jax.tree.unflatten(
+    treedef, [one(k, x) for k, x in zip(keys, leaves, strict=False)]
+  )
+
+
+class LossLandscape(NamedTuple):
+  """A 1-D or 2-D slice of the loss (returned by `loss_landscape`).
+
+  Attributes:
+    coords: `(num_points,)` step sizes along each direction.
+    values: the loss, `(num_points,)` for one direction, or
+      `(num_points, num_points)` with `values[i, j]` at
+      `params + coords[i] d_1 + coords[j] d_2` for two.
+    directions: the directions `d_1` (and `d_2`), a tuple of pytrees.
+  """
+
+  coords: jax.Array
+  values: jax.Array
+  directions: tuple[base.Updates, ...]
+
+
+def loss_landscape(
+  value_fn: Callable[[base.Params], jax.Array],
+  params: base.Params,
+  *,
+  key: jax.Array | None = None,
+  directions: tuple[base.Updates, ...] | None = None,
+  dims: int = 1,
+  num_points: int = 21,
+  span: float = 1.0,
+  filter_axis: int = -1,
+) -> LossLandscape:
+  r"""The loss along one or two directions from `params` (Li et al., 2018).
+
+  .. math::
+    f(a) = L(\theta + a\, d_1),\qquad
+    f(a, b) = L(\theta + a\, d_1 + b\, d_2),
+
+  on a grid of `num_points` values of `a` (and `b`) evenly spaced in
+  `[-span, span]`. The directions are random and filter-normalized
+  (`filter_normalized_direction`, one key each) unless given, so a step of 1
+  moves every filter by its own norm, and slices of different networks can be
+  compared: a flat minimum stays low over a wider `a`. One loss evaluation per
+  grid point (`lax.map`, in order); runs inside `jax.jit`.
+
+  Args:
+    value_fn: `params -> scalar loss` (the full-batch loss, deterministic).
+    params: the centre of the slice.
+    key: a `jax.random` key for the random directions (when `directions` is
+      None).
+    directions: `dims` pytrees shaped like `params`; None draws them.
+    dims: 1 or 2.
+    num_points: grid points per direction, >= 2.
+    span: the largest step, `> 0`.
+    filter_axis: the output axis of the weights, for the random directions.
+
+  Returns:
+    A `LossLandscape` `(coords, values, directions)`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gnorm_optax as gx
+    >>> loss = lambda p: jnp.sum(p ** 2)   # along d: |p + a d|^2
+    >>> ls = gx.loss_landscape(loss, jnp.ones(2), num_points=3,
+    ...                        directions=(jnp.array([1.0, 0.0]),))
+    >>> print(ls.coords, ls.values)
+    [-1.  0.  1.] [1. 2. 5.]
+
+  References:
+    Li, Xu, Taylor, Studer, Goldstein, *Visualizing the Loss Landscape of
+    Neural Nets*, NeurIPS 2018, https://arxiv.org/abs/1712.09913
+  """
+  if dims not in (1, 2):
+    raise ValueError(f"dims must be 1 or 2, got {dims}")
+  if int(num_points) != num_points or int(num_points) < 2:
+    raise ValueError(f"num_points must be an integer >= 2, got {num_points}")
+  if not (np.ndim(span) == 0 and np.isfinite(span) and span > 0):
+    raise ValueError(f"span must be a finite number > 0, got {span}")
+  if directions is None:
+    if key is None:
+      raise ValueError(
+        "key is required when directions is not given: pass "
+        "key=jax.random.key(0), or directions=(d1,) / (d1, d2)"
+      )
+    directions = tuple(
+      filter_normalized_direction(k, params, filter_axis=filter_axis)
+      for k in jax.random.split(key, dims)
+    )
+  directions = tuple(directions)
+  if len(directions) != dims:
+    raise ValueError(f"directions must hold dims={dims} pytrees, got {len(directions)}")
+  for d in directions:
+    checks.check_same_tree(
+      "directions", d, params, "each direction must be shaped like params", dtypes=False
+    )
+  coords = jnp.linspace(-span, span, int(num_points), dtype=jnp.float32)
+  grid = jnp.stack(jnp.meshgrid(*([coords] * dims), indexing="ij"), -1)
+
+  def at(ab):
+    point = params
+    for i, d in enumerate(directions):
+      point = jax.tree.map(lambda p, x, i=i: p + (ab[i] * x).astype(p.dtype), point, d)
+    return value_fn(point)
+
+  values = jax.lax.map(canonical_conv.for_xla_cpu(at), grid.reshape(-1, dims))
+  return LossLandscape(
+    coords=coords, values=values.reshape(grid.shape[:-1]), directions=directions
+  )

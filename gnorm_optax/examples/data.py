@@ -1,7 +1,9 @@
-"""scikit-learn's digits with symmetric label noise, and mini-batches.
+"""Digits and MNIST-1D with symmetric label noise, and mini-batches.
 
 The digits (1,797 grey 8x8 images of 10 classes) ship inside scikit-learn,
-so nothing is downloaded. Noisy training labels are the usual testbed for
+and MNIST-1D (5,000 one-dimensional signals of the ten digits, Greydanus
+2020) is generated from its templates by the ``mnist1d`` package, so nothing
+is downloaded. Noisy training labels are the usual testbed for
 flat-minima optimizers: a model that memorises the corrupted labels
 generalises worse, and SAM-like methods resist it. MNIST, Fashion-MNIST and
 CIFAR-10 come from the Hugging Face Hub through ``gnorm_optax.examples.hub``
@@ -10,6 +12,7 @@ CIFAR-10 come from the Hugging Face Hub through ``gnorm_optax.examples.hub``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -18,13 +21,15 @@ import sklearn.datasets
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)  # (height, width, channels) of the digits
+SIGNAL_SHAPE = (40, 1)  # (length, channels) of the MNIST-1D signals
 _MAX_PIXEL = 16.0  # digits pixels are integers in [0, 16]
 
 
 class Dataset(NamedTuple):
-  """Train/test split of an image-classification data set.
+  """Train/test split of an image- or signal-classification data set.
 
   Images are float32 NHWC ``(n, height, width, channels)`` in ``[0, 1]``;
+  MNIST-1D signals are float32 ``(n, length, channels)``, standardized;
   labels are int32 in ``[0, NUM_CLASSES)``. ``y_train`` holds the (possibly
   noisy) training labels; ``y_test`` is clean.
   """
@@ -73,6 +78,79 @@ def load_digits(
     labels[train], label_noise, np.random.default_rng(noise_seed)
   )
   return Dataset(images[train], y_train, images[test], labels[test])
+
+
+def load(name: str, label_noise: float = 0.0, seed: int = 0) -> Dataset:
+  """Loads the data set ``name`` with noisy training labels.
+
+  Args:
+    name: ``"digits"`` or ``"mnist1d"`` (offline), or ``"mnist"``,
+      ``"fashion_mnist"``, ``"cifar10"`` from the Hugging Face Hub (through
+      ``gnorm_optax.examples.hub``: the ``hub`` extra).
+    label_noise: fraction of training labels replaced by another class.
+    seed: seed of the noise (and of the split, where the data set has none).
+
+  Returns:
+    The ``Dataset``.
+  """
+  if name in ("digits", "mnist1d"):
+    loader = load_digits if name == "digits" else load_mnist1d
+    return loader(label_noise=label_noise, seed=seed)
+  from gnorm_optax.examples import hub  # needs the `hub` extra
+
+  return hub.load(name, label_noise=label_noise, seed=seed)
+
+
+def load_mnist1d(label_noise: float = 0.0, seed: int = 0) -> Dataset:
+  """MNIST-1D with the package's default settings, corrupting training labels.
+
+  The data set is the published benchmark: ``mnist1d.data.make_dataset``
+  with ``get_dataset_args()`` (its own seed 42), 4,000 training and 1,000
+  test signals of length 40, generated offline in about a second and kept in
+  memory. Its train/test split is part of the benchmark and stays fixed;
+  ``seed`` draws the label noise (and nothing else here).
+
+  Args:
+    label_noise: fraction of training labels replaced by a different class
+      drawn uniformly at random (symmetric noise), in [0, 1].
+    seed: seed for the noise.
+
+  Returns:
+    A ``Dataset`` of float32 signals ``(n, 40, 1)`` and int32 labels.
+
+  Raises:
+    ValueError: if ``label_noise`` is out of range.
+
+  References:
+    Greydanus, *Scaling down Deep Learning*, 2020,
+    https://arxiv.org/abs/2011.14439
+  """
+  if not 0.0 <= label_noise <= 1.0:
+    raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
+  x_train, y_train, x_test, y_test = _mnist1d()
+  noise_seed = np.random.SeedSequence(seed).spawn(2)[1]  # as load_digits's
+  noisy = corrupt_labels(y_train, label_noise, np.random.default_rng(noise_seed))
+  return Dataset(x_train, noisy, x_test, y_test)
+
+
+@functools.cache
+def _mnist1d() -> Dataset:
+  from mnist1d.data import get_dataset_args
+  from mnist1d.data import make_dataset
+
+  state = np.random.get_state()  # make_dataset seeds numpy's global RNG.
+  try:
+    raw = make_dataset(get_dataset_args())
+  finally:
+    np.random.set_state(state)
+  signal = lambda x: np.asarray(x, np.float32)[..., None]  # noqa: E731
+  label = lambda y: np.asarray(y, np.int32)  # noqa: E731
+  out = Dataset(
+    signal(raw["x"]), label(raw["y"]), signal(raw["x_test"]), label(raw["y_test"])
+  )
+  for array in out:
+    array.flags.writeable = False  # shared by every call
+  return out
 
 
 def corrupt_labels(

@@ -119,7 +119,16 @@ def test_examples_run(name):
   assert result.failed == 0, f"{name}: {result.failed} doctest example(s) failed"
 
 
-@pytest.mark.parametrize("name", CLASSES)
+def test_probe_is_documented():
+  """The one public class that is not a record: the building block's probe."""
+  doc = inspect.getdoc(gx.Probe) or ""
+  assert len(doc.splitlines()[0]) > 10 and "grad_fn" in doc
+  for name, member in vars(gx.Probe).items():
+    if not name.startswith("_") and callable(member):
+      assert inspect.getdoc(member), f"Probe.{name} has no docstring"
+
+
+@pytest.mark.parametrize("name", [n for n in CLASSES if n != "Probe"])
 def test_state_class_documented(name):
   cls = getattr(gx, name)
   doc = inspect.getdoc(cls) or ""
@@ -150,6 +159,12 @@ TRANSFORM_ARGS = {
   "finite_difference_gr": dict(gamma=0.1, epsilon=0.01),
   "gradient_regularization": dict(gamma=0.1),
   "gsam": {},
+  "second_gradient_transformation": dict(
+    name="example",
+    correction_fn=lambda probe, g_perturb, g, params, hp: g,
+    apply_fn=lambda g, d, hp: g,
+    hyperparams={},
+  ),
   "adaptive_gradient_regularization": {},
   "agr_adamw": dict(learning_rate=0.1),
   "agr_adan": dict(learning_rate=0.1),

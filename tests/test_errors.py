@@ -115,6 +115,16 @@ def test_grad_fn_returning_wrong_tree(make, bad_grad_fn, match):
       r"on_nonfinite must be one of 'clean', 'zero', 'propagate'; got 'skip'",
     ),
     (
+      lambda: gx.sam(0.05, every_k=5, reuse="orthogonal"),
+      ValueError,
+      r"reuse must be one of 'correction', 'looksam'; got 'orthogonal'",
+    ),
+    (
+      lambda: gx.penalized_grad(every_k=5, reuse="looksam", normalize_clean=True),
+      ValueError,
+      r"reuse='looksam' .* use reuse='correction' with normalize_clean=True",
+    ),
+    (
       lambda: gx.sam(0.05, every_k=0),
       ValueError,
       r"every_k must be an integer >= 1, got 0",

@@ -274,3 +274,37 @@ def test_ensemble_axes_keep_the_cond_under_vmap():
       shared,
       p,
     )
+
+
+def test_looksam_reuses_the_rescaled_orthogonal_component():
+  """`reuse="looksam"` (Liu et al. 2022, Alg. 1): a refresh step is SAM's;
+  the others add `alpha ||g|| / ||g_v|| g_v` to their own `g`, with `g_v` the
+  part of the refresh step's `g'` orthogonal to its `g` (hand-written, in
+  float64); grad_fn runs on the refresh steps only."""
+  loss, params = quartic_problem()
+  rho, alpha, k = 0.1, 0.7, 3
+  tx = optax.chain(
+    gx.sam(rho, every_k=k, reuse="looksam", looksam_alpha=alpha), optax.sgd(0.01)
+  )
+  counter = Counter(jax.grad(loss))
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, grad_fn=counter))
+  flat = lambda t: np.concatenate(
+    [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)]
+  )
+  p, s = params, tx.init(params)
+  g_v = None
+  for t in range(5):
+    g = flat(jax.grad(loss)(p))
+    u, s = step(p, s)
+    if t % k == 0:  # SAM, and g_v from it
+      scale = rho / np.linalg.norm(g)
+      point = jax.tree.map(lambda x, gi, c=scale: x + c * gi, p, jax.grad(loss)(p))
+      g_adv = flat(jax.grad(loss)(point))
+      g_v = g_adv - (g_adv @ g) / (g @ g) * g
+      expected = g_adv
+    else:
+      expected = g + alpha * np.linalg.norm(g) / np.linalg.norm(g_v) * g_v
+    np.testing.assert_allclose(flat(u), -0.01 * expected, rtol=2e-5, atol=1e-7)
+    p = optax.apply_updates(p, u)
+  jax.block_until_ready(p)
+  assert counter.calls == 2  # steps 0 and 3

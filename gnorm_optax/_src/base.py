@@ -259,6 +259,7 @@ class Probe:
     self.errors: list[jax.Array] = []
 
   def point_dtype(self, p: jax.Array) -> jnp.dtype:
+    """The dtype a perturbed point of parameter `p` is formed in."""
     if self._perturb_dtype is None:
       return jnp.result_type(p)
     return jnp.promote_types(jnp.result_type(p), self._perturb_dtype)
@@ -323,6 +324,9 @@ CorrectionFn = Callable[
 ]
 # `apply_fn(g, d, hp) -> update`: combines the clean gradient and the correction.
 ApplyFn = Callable[[Updates, Updates, dict[str, jax.Array]], Updates]
+# `cache_fn(d, g, hp) -> cache`: what a refresh step keeps for the steps that
+# reuse it; `reuse_fn(cache, g, hp) -> d`: the correction of such a step.
+CacheFn = Callable[[Updates, Updates, dict[str, jax.Array]], Updates]
 
 
 def second_gradient_transformation(
@@ -337,11 +341,16 @@ def second_gradient_transformation(
   perturb_dtype: Any = None,
   identity_at_zero: bool = True,
   on_nonfinite: str = "clean",
+  cache_fn: CacheFn | None = None,
+  reuse_fn: CacheFn | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a transformation `g -> apply_fn(g, d)` with `d` from extra gradients.
 
   This is the one implementation of the second-gradient protocol shared by
-  `penalized_grad`, `sam`, `finite_difference_gr` and `gradient_regularization`.
+  `penalized_grad`, `sam`, `gsam`, `finite_difference_gr` and
+  `gradient_regularization`, and the building block for new variants: a
+  `correction_fn` that takes its extra gradients through the `Probe` it is
+  given, and an `apply_fn` that combines them with `g` (see the example).
 
   On a refresh step (`count % every_k == 0`) `d = correction_fn(...)` is
   computed from the gradient at other parameters; on the other steps the cached
@@ -381,9 +390,42 @@ def second_gradient_transformation(
     on_nonfinite: what a step whose extra gradient is not finite returns:
       `"clean"`, the incoming gradient `g`; `"zero"`, zeros; `"propagate"`,
       no check (see `SecondGradientState`).
+    cache_fn: with a cache, `cache_fn(d, g, hp)` is what a refresh step
+      caches instead of `d` itself (LookSAM caches the part of `g'`
+      orthogonal to `g`); it gets the zeroed `d` of a faulty step.
+    reuse_fn: with a cache, `reuse_fn(cache, g, hp)` is the correction of a
+      step that reuses it (default: the cache itself).
 
   Returns:
-    An optax.GradientTransformationExtraArgs.
+    An `optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    A new variant in a few lines: SAM with the ascent step of the L-infinity
+    ball, `theta' = theta + rho * sign(g)` (Foret et al.'s `p = infinity`),
+    with `every_k`, `axis_name`, schedules, dtypes, the fault guard and the
+    state handled as in the built-in transforms:
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import gnorm_optax as gx
+    >>> def linf_sam(rho, **kwargs):
+    ...   def correction_fn(probe, g_perturb, g, params, hp):
+    ...     step = jax.tree.map(lambda x: hp["rho"] * jnp.sign(x), g_perturb)
+    ...     return jax.tree.map(jnp.subtract, probe(step), g)   # d = g' - g
+    ...   apply_fn = lambda g, d, hp: optax.tree.add(g, d)       # g + d = g'
+    ...   return gx.second_gradient_transformation(
+    ...       "linf_sam", correction_fn, apply_fn, dict(rho=rho), **kwargs)
+    >>> loss = lambda p: jnp.sum(p ** 4)
+    >>> params = jnp.array([1.0, -0.5])
+    >>> tx = linf_sam(0.1, every_k=2)
+    >>> updates, state = tx.update(jax.grad(loss)(params), tx.init(params),
+    ...                            params, grad_fn=jax.grad(loss))
+    >>> print([f"{u:.3f}" for u in updates])    # 4 (theta + 0.1 sign(g))^3
+    ['5.324', '-0.864']
+
+  References:
+    Foret et al., *Sharpness-Aware Minimization for Efficiently Improving
+    Generalization*, ICLR 2021, https://arxiv.org/abs/2010.01412 (the
+    p-norm ascent step)
   """
   # The state's structure must not depend on a traced value. Under
   # `optax.inject_hyperparams` every_k arrives as an array: concrete in
@@ -484,15 +526,34 @@ def second_gradient_transformation(
 
       # An injected every_k below 1 (or fractional) is taken as max(1, int).
       k_now = jnp.maximum(jnp.asarray(every_k).astype(jnp.int32), 1)
-      d, finite, error, degenerate = jax.lax.cond(
-        state.count % k_now == 0,
-        canonical_conv.for_xla_cpu(refresh),
-        reuse,
-        g_perturb,
-        g,
-        params,
-      )
-      correction = d
+      refreshes = state.count % k_now == 0
+      if cache_fn is None and reuse_fn is None:  # the cache is `d` itself
+        d, finite, error, degenerate = jax.lax.cond(
+          refreshes, canonical_conv.for_xla_cpu(refresh), reuse, g_perturb, g, params
+        )
+        correction = d
+      else:
+
+        def refresh_and_cache(g_perturb, g, params):
+          d, *rest = refresh(g_perturb, g, params)
+          cache = d if cache_fn is None else cache_fn(d, g, hp)
+          return d, optax.tree.cast_like(cache, state.correction), *rest
+
+        def reuse_cache(g_perturb, g, params):
+          _, *rest = reuse(g_perturb, g, params)
+          d = (
+            state.correction if reuse_fn is None else reuse_fn(state.correction, g, hp)
+          )
+          return optax.tree.cast_like(d, g), state.correction, *rest
+
+        d, correction, finite, error, degenerate = jax.lax.cond(
+          refreshes,
+          canonical_conv.for_xla_cpu(refresh_and_cache),
+          reuse_cache,
+          g_perturb,
+          g,
+          params,
+        )
 
     out = apply_fn(g, d, hp)  # = g where d was zeroed (identity_at_zero)
     if on_nonfinite == "zero":

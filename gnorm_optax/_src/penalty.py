@@ -58,6 +58,30 @@ def _perturbation(
   return jax.tree.map(lambda ti, tgi: rho * ti * tgi / (norm + eps), t, tg), norm
 
 
+# What the steps between two extra gradients reuse (penalized_grad's `reuse`).
+REUSE = ("correction", "looksam")
+
+
+def _looksam_cache(d, g, hp):
+  """LookSAM's cache: the part of `g' = g + d` orthogonal to `g`."""
+  del hp
+  g_adv = optax.tree.add(g, d)
+  sq = real_vdot(g, g)
+  along = jnp.where(sq > 0, real_vdot(g_adv, g) / jnp.where(sq > 0, sq, 1.0), 0.0)
+  return jax.tree.map(lambda a, gi: a - along * gi, g_adv, g)
+
+
+def _looksam_reuse(g_v, g, hp):
+  """LookSAM's correction `alpha * ||g|| / ||g_v|| * g_v` (0 if `g_v = 0`)."""
+  norm_v = global_norm(g_v)
+  ratio = global_norm(g) / jnp.where(norm_v > 0, norm_v, 1.0)
+  scale = jnp.where(norm_v > 0, hp["looksam_alpha"] * ratio, 0.0)
+  return jax.tree.map(lambda v: scale * v, g_v)
+
+
+_LOOKSAM = dict(cache_fn=_looksam_cache, reuse_fn=_looksam_reuse)
+
+
 def _check_step_args(owner, rho, eta, eps, adaptive, adaptive_mask) -> None:
   """The factory checks of SAM's (or ASAM's) ascent step."""
   checks.check_scalar(
@@ -85,6 +109,8 @@ def penalized_grad(
   sync_perturbation: bool = True,
   perturb_dtype: Any = None,
   on_nonfinite: str = "clean",
+  reuse: str = "correction",
+  looksam_alpha: optax.ScalarOrSchedule = 0.7,
   eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient-norm penalty (GNP): the gradient of `L + lambda * ||grad L||`.
@@ -155,6 +181,12 @@ def penalized_grad(
     on_nonfinite: a step whose extra gradient is not finite returns `g`
       (`"clean"`) or zeros (`"zero"`), or is not checked (`"propagate"`); see
       `gnorm_optax.SecondGradientState`.
+    reuse: with `every_k > 1`, what the steps between two extra gradients
+      reuse: the correction `g' - g` (`"correction"`), or LookSAM's
+      (`"looksam"`): the part `g_v` of `g'` orthogonal to `g`, rescaled to
+      the current gradient, `d = looksam_alpha * ||g|| / ||g_v|| * g_v`.
+    looksam_alpha: LookSAM's weight of the reused component (a scalar or a
+      schedule).
     eps: added to the norm so that a zero gradient gives a zero step.
 
   Returns:
@@ -179,9 +211,22 @@ def penalized_grad(
     Kwon et al., *ASAM: Adaptive Sharpness-Aware Minimization for
     Scale-Invariant Learning of Deep Neural Networks*, ICML 2021,
     https://arxiv.org/abs/2102.11600
+
+    Liu et al., *Towards Efficient and Scalable Sharpness-Aware
+    Minimization*, CVPR 2022, https://arxiv.org/abs/2203.02714 (LookSAM)
   """
   _check_step_args("penalized_grad", rho, eta, eps, adaptive, adaptive_mask)
   checks.check_scalar("alpha", alpha, owner="penalized_grad")
+  checks.check_choice("reuse", reuse, REUSE)
+  checks.check_scalar(
+    "looksam_alpha", looksam_alpha, minimum=0.0, owner="penalized_grad"
+  )
+  if reuse == "looksam" and normalize_clean:
+    raise ValueError(
+      "reuse='looksam' reuses a component of g' orthogonal to g, which "
+      "normalize_clean's mix does not define: use reuse='correction' with "
+      "normalize_clean=True"
+    )
 
   # With alpha = 1 and nothing cached (SAM), the update is g' itself: formed
   # as g + (g' - g), it would keep g alive through the second pass.
@@ -220,13 +265,14 @@ def penalized_grad(
     "penalized_grad",
     correction_fn,
     apply_fn,
-    dict(rho=rho, alpha=alpha, eta=eta, eps=eps),
+    dict(rho=rho, alpha=alpha, eta=eta, eps=eps, looksam_alpha=looksam_alpha),
     every_k=every_k,
     axis_name=axis_name,
     sync_perturbation=sync_perturbation,
     perturb_dtype=perturb_dtype,
     identity_at_zero=not (normalize_clean or direct),
     on_nonfinite=on_nonfinite,
+    **(_LOOKSAM if reuse == "looksam" else {}),
   )
 
 
@@ -241,6 +287,8 @@ def sam(
   sync_perturbation: bool = True,
   perturb_dtype: Any = None,
   on_nonfinite: str = "clean",
+  reuse: str = "correction",
+  looksam_alpha: optax.ScalarOrSchedule = 0.7,
   eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware minimization: the gradient at the adversarial point.
@@ -299,6 +347,10 @@ def sam(
       through the second pass, the memory of `optax.contrib.sam`), or is
       not checked (`"propagate"`: no pass over `g'` either, as
       `optax.contrib.sam`); see `gnorm_optax.SecondGradientState`.
+    reuse: with `every_k > 1`, reuse the correction `g' - g` (`"correction"`)
+      or LookSAM's rescaled orthogonal component (`"looksam"`; see
+      `penalized_grad`).
+    looksam_alpha: LookSAM's weight of the reused component.
     eps: added to the norm so that a zero gradient gives a zero step.
 
   Returns:
@@ -337,6 +389,8 @@ def sam(
     axis_name=axis_name,
     sync_perturbation=sync_perturbation,
     on_nonfinite=on_nonfinite,
+    reuse=reuse,
+    looksam_alpha=looksam_alpha,
     eps=eps,
   )
 

@@ -1,18 +1,23 @@
-"""Worked examples: image classifiers trained with gnorm_optax optimizers.
+"""Worked examples: classifiers trained with gnorm_optax optimizers.
 
 Modules:
-    data: scikit-learn's digits (offline), label noise, mini-batches.
+    data: scikit-learn's digits and MNIST-1D (both offline), label noise,
+        mini-batches.
     hub: MNIST, Fashion-MNIST and CIFAR-10 from the Hugging Face Hub (the
         ``hub`` extra).
-    models: Flax NNX ``MLP``, ``CNN``, ``ResNet`` (BatchNorm) and ``ViT``.
+    models: Flax NNX ``MLP``, ``CNN``, ``CNN1D`` (1-D signals), ``ResNet``
+        (BatchNorm) and ``ViT``.
     train: ``python -m gnorm_optax.examples.train``, one file to fork: the
         optimizer table, the NNX train step, evaluation and flatness.
     checkpointing: the same training, saved every epoch with orbax and
         resumed exactly (``python -m gnorm_optax.examples.checkpointing``).
-    data_parallel: data-parallel training on all visible devices
-        (``python -m gnorm_optax.examples.data_parallel``).
+    data_parallel: data-parallel training on all the devices of one or
+        several processes (``python -m gnorm_optax.examples.data_parallel``;
+        ``jax.distributed`` with ``--coordinator-address``,
+        ``--num-processes`` and ``--process-id``, or ``--distributed``).
 
-Needs the ``examples`` extra (flax, scikit-learn, tqdm, orbax-checkpoint).
+Needs the ``examples`` extra (flax, scikit-learn, mnist1d, tqdm,
+orbax-checkpoint).
 """
 
 import importlib.util

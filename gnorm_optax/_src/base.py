@@ -178,8 +178,8 @@ class SecondGradientState(NamedTuple):
     update (and, with `every_k`, the cache) and `nonfinite_count` stays 0.
     It is for steps wrapped in `optax.apply_if_finite`, which makes its own
     check, or for models small enough that a pass over the parameters
-    matters (on a GPU the guard costs up to 20% of a SAM step on a
-    parameter-bound MLP; `benchmarks/RESULTS.md`).
+    matters (on an H200 the guard made SAM's step 1.2-1.3x optax's on
+    parameter-bound MLPs; `benchmarks/RESULTS.md`).
   * A non-finite incoming gradient `g` is not hidden: it is passed through (on
     a refresh step the update is exactly `g`, on a reuse step `g` plus the
     cached correction), counted in `nonfinite_count`, and the cache is not

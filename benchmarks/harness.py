@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import re
 import time
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -80,10 +81,13 @@ DATASETS: dict[str, DataSpec] = {
 }
 
 # Methods built as `chain(<gradient transform>, sgd with momentum)`.
-SGD_METHODS = ("sgd", "sam", "gnp", "fdgr", "bdgr", "gr", "flooding")
+SGD_METHODS = ("sgd", "sam", "gnp", "gsam", "fdgr", "bdgr", "gr", "flooding")
 # Complete Adam-type optimizers (AGR and the plain ones it goes in front of).
 ADAPTIVE_METHODS = ("adam", "adamw", "agr_adamw", "adan", "agr_adan")
 METHODS = SGD_METHODS + ADAPTIVE_METHODS
+# SAM with the extra gradient on one step in k, reusing `reuse` in between:
+# "sam_k5_correction", "sam_k10_looksam" (in front of SGD, as "sam").
+SAM_EVERY_K = re.compile(r"sam_k(\d+)_(correction|looksam)")
 _EVAL_CHUNK = 1000  # test samples per forward pass in `evaluate`
 _SCAN_MODELS = ("mlp",)  # trained an epoch per call (no convolution)
 TOP_K = 5  # eigenvalues of the spectrum diagnostics
@@ -178,7 +182,8 @@ def make_optimizer(
   """Builds the optimizer of ``method`` with a cosine-decayed learning rate.
 
   Args:
-    method: one of ``METHODS``.
+    method: one of ``METHODS``, or ``sam_k<k>_<reuse>`` (``gx.sam`` with
+      ``every_k=k`` and ``reuse`` ``correction`` or ``looksam``).
     lr: peak learning rate.
     steps: total optimizer steps (the length of the cosine decay).
     momentum: heavy-ball momentum of the SGD methods.
@@ -218,13 +223,18 @@ def make_optimizer(
     "sgd": optax.identity,
     "sam": lambda: gx.sam(rho),
     "gnp": lambda: gx.penalized_grad(rho, alpha),
+    "gsam": lambda: gx.gsam(rho),
     "fdgr": lambda: gx.finite_difference_gr(gamma, epsilon, scheme="forward"),
     "bdgr": lambda: gx.finite_difference_gr(gamma, epsilon, scheme="backward"),
     "gr": lambda: gx.gradient_regularization(gamma),
     "flooding": lambda: gx.flooding(flood_level),
   }
+  if every_k := SAM_EVERY_K.fullmatch(method):
+    gradient[method] = lambda: gx.sam(rho, every_k=int(every_k[1]), reuse=every_k[2])
   if method not in gradient:
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    raise ValueError(
+      f"unknown method {method!r}; choose from {METHODS} or sam_k<k>_<reuse>"
+    )
   return optax.chain(gradient[method](), optax.sgd(lr_schedule, momentum=momentum))
 
 
@@ -251,7 +261,7 @@ def train_step(
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _scan_epoch(graphdef, state, x, y, order):
+def scan_epoch(graphdef, state, x, y, order):
   """One epoch as a ``lax.scan`` of ``train_step``'s body over ``order``'s rows.
 
   ``state`` is ``nnx.split((model, optimizer))``'s; each row of ``order``
@@ -505,7 +515,7 @@ def train(
       order = batch_rng.permutation(len(ds.x_train))
       order = order[: per_epoch * config.batch_size].reshape(per_epoch, -1)
       graphdef, state = nnx.split((model, optimizer))
-      state, losses = _scan_epoch(graphdef, state, x_dev, y_dev, order)
+      state, losses = scan_epoch(graphdef, state, x_dev, y_dev, order)
       nnx.update((model, optimizer), state)
     else:
       losses = [

@@ -22,6 +22,7 @@ SCRIPTS = {
   "generalization.py": ["--full"],
   "agr.py": [],
   "dln.py": [],
+  "sam_family.py": [],
   # Without a GPU: "no GPU: skipped" (its --small also renders a tiny CPU run
   # through the writer). With one: measures; --record renders the JSON.
   "gpu_check.py": [],

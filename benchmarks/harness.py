@@ -81,7 +81,7 @@ DATASETS: dict[str, DataSpec] = {
 }
 
 # Methods built as `chain(<gradient transform>, sgd with momentum)`.
-SGD_METHODS = ("sgd", "sam", "gnp", "gsam", "fdgr", "bdgr", "gr", "flooding")
+SGD_METHODS = ("sgd", "sam", "gnp", "gsam", "sam_ae", "fdgr", "bdgr", "gr", "flooding")
 # Complete Adam-type optimizers (AGR and the plain ones it goes in front of).
 ADAPTIVE_METHODS = ("adam", "adamw", "agr_adamw", "adan", "agr_adan")
 METHODS = SGD_METHODS + ADAPTIVE_METHODS
@@ -224,6 +224,9 @@ def make_optimizer(
     "sam": lambda: gx.sam(rho),
     "gnp": lambda: gx.penalized_grad(rho, alpha),
     "gsam": lambda: gx.gsam(rho),
+    # AE-SAM's policy, at a constant threshold (the extra gradient when
+    # ||g||^2 is above its running mean).
+    "sam_ae": lambda: gx.sam(rho, ae_threshold=0.0),
     "fdgr": lambda: gx.finite_difference_gr(gamma, epsilon, scheme="forward"),
     "bdgr": lambda: gx.finite_difference_gr(gamma, epsilon, scheme="backward"),
     "gr": lambda: gx.gradient_regularization(gamma),

@@ -5,6 +5,7 @@ from gnorm_optax._src.adaptive import adaptive_gradient_regularization
 from gnorm_optax._src.adaptive import agr_adamw
 from gnorm_optax._src.adaptive import agr_adan
 from gnorm_optax._src.base import Probe
+from gnorm_optax._src.base import RefreshPolicy
 from gnorm_optax._src.base import SecondGradientState
 from gnorm_optax._src.base import second_gradient_transformation
 from gnorm_optax._src.ensemble import ensemble_axes
@@ -30,6 +31,7 @@ __all__ = (
   "EigenInfo",
   "FloodingState",
   "Probe",
+  "RefreshPolicy",
   "SecondGradientState",
   "adan",
   "adaptive_gradient_regularization",

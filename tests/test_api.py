@@ -132,7 +132,8 @@ def test_probe_is_documented():
 def test_state_class_documented(name):
   cls = getattr(gx, name)
   doc = inspect.getdoc(cls) or ""
-  assert name.endswith(("State", "Info"))  # a state, or an info record
+  # a state, an info record, or the building block's refresh policy
+  assert name.endswith(("State", "Info", "Policy"))
   assert issubclass(cls, tuple) and hasattr(cls, "_fields"), "a NamedTuple"
   # Not the docstring namedtuple generates ("Name(field, ...)").
   assert not doc.startswith(f"{name}("), f"{name} has no docstring"

@@ -308,3 +308,67 @@ def test_looksam_reuses_the_rescaled_orthogonal_component():
     p = optax.apply_updates(p, u)
   jax.block_until_ready(p)
   assert counter.calls == 2  # steps 0 and 3
+
+
+def test_ae_sam_takes_the_extra_gradient_when_the_gradient_norm_is_high():
+  """`ae_threshold=c` (AE-SAM, Jiang et al. 2023): running mean `mu` and
+  variance `sigma^2` of `||g||^2` (decay 0.9, updated by the step's own);
+  SAM's gradient when `||g||^2 >= mu + c sigma`, else `g`; grad_fn runs on
+  those steps only (hand-written policy, float64)."""
+  loss, params = quartic_problem()
+  rho, c, decay, n = 0.05, 0.3, 0.9, 12
+  tx = optax.chain(gx.sam(rho, ae_threshold=c, ae_decay=decay), optax.sgd(0.01))
+  counter = Counter(jax.grad(loss))
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, grad_fn=counter))
+  flat = lambda t: np.concatenate(
+    [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)]
+  )
+  p, s = params, tx.init(params)
+  mean = var = 0.0
+  taken = []
+  for _ in range(n):
+    g_tree = jax.grad(loss)(p)
+    g = flat(g_tree)
+    sq = g @ g
+    mean = decay * mean + (1 - decay) * sq
+    var = decay * var + (1 - decay) * (sq - mean) ** 2
+    taken.append(sq >= mean + c * np.sqrt(var))
+    if taken[-1]:
+      scale = rho / np.linalg.norm(g)
+      point = jax.tree.map(lambda x, gi, a=scale: x + a * gi, p, g_tree)
+      expected = flat(jax.grad(loss)(point))
+    else:
+      expected = g
+    u, s = step(p, s)
+    np.testing.assert_allclose(flat(u), -0.01 * expected, rtol=2e-5, atol=1e-7)
+    p = optax.apply_updates(p, u)
+  jax.block_until_ready(p)
+  assert 0 < sum(taken) < n, taken  # both kinds of step happened
+  assert counter.calls == sum(taken)
+
+
+def test_ae_sam_state_is_donated_and_injected():
+  """AE-SAM's statistics live in `state.policy`: a donated jitted step under
+  `optax.inject_hyperparams` (threshold injected) equals the plain
+  transform, every_k=3 (the cache reused off-policy) included."""
+  loss, params = quartic_problem()
+  for every_k in (1, 3):
+    plain = gx.sam(0.05, ae_threshold=0.2, every_k=every_k)
+    injected = optax.inject_hyperparams(gx.sam, static_args=("every_k",))(
+      0.05, ae_threshold=0.2, every_k=every_k
+    )
+
+    def step(p, s, tx):
+      return tx.update(jax.grad(loss)(p), s, p, grad_fn=jax.grad(loss))
+
+    jitted = jax.jit(step, donate_argnums=(1,), static_argnums=2)
+    s_plain, s_inj = plain.init(params), injected.init(params)
+    p = params
+    for _ in range(5):
+      u_plain, s_plain = step(p, s_plain, plain)
+      u_inj, s_inj = jitted(p, s_inj, injected)
+      jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u_inj, u_plain
+      )
+      p = optax.apply_updates(p, jax.tree.map(lambda x: -0.01 * x, u_plain))
+    np.testing.assert_allclose(s_inj.inner_state.policy, s_plain.policy, rtol=1e-6)

@@ -217,6 +217,8 @@ class SecondGradientState(NamedTuple):
       with the parameter's sharding. Present when `every_k > 1`, or when
       `every_k` is an array (as `optax.inject_hyperparams` passes it), else
       None.
+    policy: the state of the refresh policy (`RefreshPolicy`) when there is
+      one (AE-SAM: running mean and variance of `||g||^2`), else None.
   """
 
   # `count` shadows tuple.count, as in optax's states (ScaleByAdamState).
@@ -225,6 +227,20 @@ class SecondGradientState(NamedTuple):
   degenerate_count: jax.Array
   perturbation_error: jax.Array
   correction: Updates | None
+  policy: Any = None
+
+
+class RefreshPolicy(NamedTuple):
+  """When to take the extra gradient, decided from the step's gradient.
+
+  Attributes:
+    init: `() -> state`, the policy's initial state (arrays).
+    decide: `(state, g, hp) -> (refresh, state)`: whether this step takes
+      the extra gradient (a boolean scalar) and the next state.
+  """
+
+  init: Callable[[], Any]
+  decide: Callable[[Any, Updates, dict[str, jax.Array]], tuple[jax.Array, Any]]
 
 
 class Probe:
@@ -343,6 +359,7 @@ def second_gradient_transformation(
   on_nonfinite: str = "clean",
   cache_fn: CacheFn | None = None,
   reuse_fn: CacheFn | None = None,
+  policy: RefreshPolicy | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a transformation `g -> apply_fn(g, d)` with `d` from extra gradients.
 
@@ -395,6 +412,10 @@ def second_gradient_transformation(
       orthogonal to `g`); it gets the zeroed `d` of a faulty step.
     reuse_fn: with a cache, `reuse_fn(cache, g, hp)` is the correction of a
       step that reuses it (default: the cache itself).
+    policy: decides on each step whether to take the extra gradient, in
+      place of `count % every_k == 0`; a step that does not reuses the cache
+      if there is one (`every_k > 1`), else its correction is zero (the
+      update is `apply_fn(g, 0)`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -459,6 +480,7 @@ def second_gradient_transformation(
       degenerate_count=jnp.zeros([], jnp.int32),
       perturbation_error=jnp.zeros([], jnp.float32),
       correction=correction,
+      policy=None if policy is None else policy.init(),
     )
 
   def update_fn(
@@ -510,8 +532,27 @@ def second_gradient_transformation(
       # A non-finite step is a non-finite fault, counted as such.
       return d, finite, error, (error > 0.5) & finite
 
-    if state.correction is None:
+    new_policy = state.policy
+    if policy is not None:
+      decided, new_policy = policy.decide(state.policy, g, hp)
+
+    if state.correction is None and policy is None:
       d, finite, error, degenerate = refresh(g_perturb, g, params)
+      correction = None
+    elif state.correction is None:
+
+      def skip(g_perturb, g, params):
+        del g_perturb, params
+        return (
+          optax.tree.zeros_like(g),
+          jnp.asarray(True),
+          state.perturbation_error,
+          jnp.asarray(False),
+        )
+
+      d, finite, error, degenerate = jax.lax.cond(
+        decided, canonical_conv.for_xla_cpu(refresh), skip, g_perturb, g, params
+      )
       correction = None
     else:
 
@@ -526,7 +567,7 @@ def second_gradient_transformation(
 
       # An injected every_k below 1 (or fractional) is taken as max(1, int).
       k_now = jnp.maximum(jnp.asarray(every_k).astype(jnp.int32), 1)
-      refreshes = state.count % k_now == 0
+      refreshes = state.count % k_now == 0 if policy is None else decided
       if cache_fn is None and reuse_fn is None:  # the cache is `d` itself
         d, finite, error, degenerate = jax.lax.cond(
           refreshes, canonical_conv.for_xla_cpu(refresh), reuse, g_perturb, g, params
@@ -567,6 +608,7 @@ def second_gradient_transformation(
       degenerate_count=state.degenerate_count + degenerate.astype(jnp.int32),
       perturbation_error=error,
       correction=correction,
+      policy=new_policy,
     )
     checks.remember_outputs(out)
     return out, new_state

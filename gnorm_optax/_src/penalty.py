@@ -82,6 +82,23 @@ def _looksam_reuse(g_v, g, hp):
 _LOOKSAM = dict(cache_fn=_looksam_cache, reuse_fn=_looksam_reuse)
 
 
+def _ae_policy(decay: float) -> base.RefreshPolicy:
+  """AE-SAM: the extra gradient when `||g||^2 >= mu + c sigma`, with `mu`,
+  `sigma^2` running statistics of `||g||^2` updated by this step's."""
+
+  def init():
+    return (jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
+
+  def decide(stats, g, hp):
+    mean, var = stats
+    sq = jnp.square(global_norm(g)).astype(jnp.float32)
+    mean = decay * mean + (1 - decay) * sq
+    var = decay * var + (1 - decay) * jnp.square(sq - mean)
+    return sq >= mean + hp["ae_threshold"] * jnp.sqrt(var), (mean, var)
+
+  return base.RefreshPolicy(init, decide)
+
+
 def _check_step_args(owner, rho, eta, eps, adaptive, adaptive_mask) -> None:
   """The factory checks of SAM's (or ASAM's) ascent step."""
   checks.check_scalar(
@@ -111,6 +128,8 @@ def penalized_grad(
   on_nonfinite: str = "clean",
   reuse: str = "correction",
   looksam_alpha: optax.ScalarOrSchedule = 0.7,
+  ae_threshold: optax.ScalarOrSchedule | None = None,
+  ae_decay: float = 0.9,
   eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient-norm penalty (GNP): the gradient of `L + lambda * ||grad L||`.
@@ -187,6 +206,13 @@ def penalized_grad(
       the current gradient, `d = looksam_alpha * ||g|| / ||g_v|| * g_v`.
     looksam_alpha: LookSAM's weight of the reused component (a scalar or a
       schedule).
+    ae_threshold: AE-SAM's adaptive policy (None: off): with `mu` and
+      `sigma^2` running means (decay `ae_decay`) of `||g||^2` and of its
+      squared deviation, a step takes the extra gradient only when
+      `||g||^2 >= mu + ae_threshold * sigma` (a scalar or a schedule, e.g.
+      rising linearly over training, as the paper schedules it); the other steps
+      reuse the cache with `every_k > 1`, else return `g` (plain SGD).
+    ae_decay: AE-SAM's decay of the running statistics.
     eps: added to the norm so that a zero gradient gives a zero step.
 
   Returns:
@@ -214,6 +240,9 @@ def penalized_grad(
 
     Liu et al., *Towards Efficient and Scalable Sharpness-Aware
     Minimization*, CVPR 2022, https://arxiv.org/abs/2203.02714 (LookSAM)
+
+    Jiang et al., *An Adaptive Policy to Employ Sharpness-Aware
+    Minimization*, ICLR 2023, https://arxiv.org/abs/2304.14647 (AE-SAM)
   """
   _check_step_args("penalized_grad", rho, eta, eps, adaptive, adaptive_mask)
   checks.check_scalar("alpha", alpha, owner="penalized_grad")
@@ -221,6 +250,11 @@ def penalized_grad(
   checks.check_scalar(
     "looksam_alpha", looksam_alpha, minimum=0.0, owner="penalized_grad"
   )
+  checks.check_scalar("ae_decay", ae_decay, minimum=0.0, owner="penalized_grad")
+  if isinstance(ae_decay, (int, float)) and not ae_decay < 1:  # not injected
+    raise ValueError(f"ae_decay must be < 1, got {ae_decay}; AE-SAM uses 0.9")
+  if ae_threshold is not None:
+    checks.check_scalar("ae_threshold", ae_threshold, owner="penalized_grad")
   if reuse == "looksam" and normalize_clean:
     raise ValueError(
       "reuse='looksam' reuses a component of g' orthogonal to g, which "
@@ -236,6 +270,7 @@ def penalized_grad(
     and not normalize_clean
     and isinstance(every_k, int)
     and every_k == 1
+    and ae_threshold is None
   )
 
   def clean(g, hp):
@@ -265,7 +300,14 @@ def penalized_grad(
     "penalized_grad",
     correction_fn,
     apply_fn,
-    dict(rho=rho, alpha=alpha, eta=eta, eps=eps, looksam_alpha=looksam_alpha),
+    dict(
+      rho=rho,
+      alpha=alpha,
+      eta=eta,
+      eps=eps,
+      looksam_alpha=looksam_alpha,
+      **({} if ae_threshold is None else {"ae_threshold": ae_threshold}),
+    ),
     every_k=every_k,
     axis_name=axis_name,
     sync_perturbation=sync_perturbation,
@@ -273,6 +315,7 @@ def penalized_grad(
     identity_at_zero=not (normalize_clean or direct),
     on_nonfinite=on_nonfinite,
     **(_LOOKSAM if reuse == "looksam" else {}),
+    policy=None if ae_threshold is None else _ae_policy(ae_decay),
   )
 
 
@@ -289,6 +332,8 @@ def sam(
   on_nonfinite: str = "clean",
   reuse: str = "correction",
   looksam_alpha: optax.ScalarOrSchedule = 0.7,
+  ae_threshold: optax.ScalarOrSchedule | None = None,
+  ae_decay: float = 0.9,
   eps: float = 1e-12,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-aware minimization: the gradient at the adversarial point.
@@ -351,6 +396,8 @@ def sam(
       or LookSAM's rescaled orthogonal component (`"looksam"`; see
       `penalized_grad`).
     looksam_alpha: LookSAM's weight of the reused component.
+    ae_threshold: AE-SAM's adaptive policy (see `penalized_grad`).
+    ae_decay: AE-SAM's decay of its running statistics.
     eps: added to the norm so that a zero gradient gives a zero step.
 
   Returns:
@@ -391,6 +438,8 @@ def sam(
     on_nonfinite=on_nonfinite,
     reuse=reuse,
     looksam_alpha=looksam_alpha,
+    ae_threshold=ae_threshold,
+    ae_decay=ae_decay,
     eps=eps,
   )
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from hypothesis import settings
@@ -63,6 +64,9 @@ class Case:
     rosen: hyperparameters for Rosenbrock.
     stalls: (problem, base) pairs on which the method provably stalls (see
       `test_conformance.test_convergence`); the test then checks the stall.
+    grad_fn_runs: with `needs="grad_fn"`, how many times `grad_fn` runs on
+      open-loop steps whose clean gradients are `grads` (flat float64
+      arrays), worked out by hand from the method's definition.
   """
 
   id: str
@@ -74,9 +78,39 @@ class Case:
   quad: Mapping[str, Any] | None = None
   rosen: Mapping[str, Any] | None = None
   stalls: frozenset = frozenset()
+  grad_fn_runs: Callable[[list[np.ndarray]], int] | None = None
 
   def __str__(self):
     return self.id
+
+
+def _every_step(grads, per_step=1):
+  """One extra gradient (`per_step` for the central difference) a step."""
+  return per_step * len(grads)
+
+
+def _every_third_step(runs):
+  """every_k=3: the runs of steps 0, 3, 6, ... only."""
+  return lambda grads: runs(grads[::3])
+
+
+# AE-SAM's case: its threshold, and its policy written out (Jiang et al.
+# 2023, Algorithm 1): running mean and variance of ||g||^2 (decay 0.9),
+# updated by the step's own before it is compared.
+AE_THRESHOLD = 0.5
+
+
+def _ae_sam_runs(grads, threshold=AE_THRESHOLD, decay=0.9):
+  mean = var = 0.0
+  taken = []
+  for g in grads:
+    sq = float(g @ g)
+    mean = decay * mean + (1 - decay) * sq
+    var = decay * var + (1 - decay) * (sq - mean) ** 2
+    taken.append(sq >= mean + threshold * np.sqrt(var))
+  # The case tells something only if the policy both takes and skips.
+  assert 0 < sum(taken) < len(taken), taken
+  return sum(taken)
 
 
 def _second_gradient_cases() -> list[Case]:
@@ -95,6 +129,7 @@ def _second_gradient_cases() -> list[Case]:
       "grad_fn",
       quad=dict(rho=0.01, alpha=0.8),
       rosen=dict(rho=0.003, alpha=0.8),
+      grad_fn_runs=_every_step,
     ),
     Case(
       "penalized_grad-normalize_clean",
@@ -104,6 +139,7 @@ def _second_gradient_cases() -> list[Case]:
       "grad_fn",
       quad=dict(rho=0.01, alpha=0.8),
       rosen=dict(rho=0.003, alpha=0.8),
+      grad_fn_runs=_every_step,
     ),
     Case(
       "sam",
@@ -113,6 +149,7 @@ def _second_gradient_cases() -> list[Case]:
       "grad_fn",
       quad=dict(rho=0.01),
       rosen=dict(rho=0.003),
+      grad_fn_runs=_every_step,
     ),
     Case(
       "sam-adaptive",
@@ -122,6 +159,7 @@ def _second_gradient_cases() -> list[Case]:
       "grad_fn",
       quad=dict(rho=0.01),
       rosen=dict(rho=0.003),
+      grad_fn_runs=_every_step,
     ),
     Case(
       "gsam",
@@ -131,6 +169,7 @@ def _second_gradient_cases() -> list[Case]:
       "grad_fn",
       quad=dict(rho=0.01, alpha=0.1),
       rosen=dict(rho=0.003, alpha=0.1),
+      grad_fn_runs=_every_step,
     ),
   ]
   for scheme in ("forward", "backward", "central"):
@@ -143,6 +182,9 @@ def _second_gradient_cases() -> list[Case]:
         "grad_fn",
         quad=dict(gamma=0.05, epsilon=0.01),
         rosen=dict(gamma=2e-4, epsilon=1e-4),
+        grad_fn_runs=functools.partial(
+          _every_step, per_step=2 if scheme == "central" else 1
+        ),
       )
     )
   base.append(
@@ -154,15 +196,43 @@ def _second_gradient_cases() -> list[Case]:
       "grad_fn",
       quad=dict(gamma=0.05),
       rosen=dict(gamma=2e-4),
+      grad_fn_runs=_every_step,  # one jvp of grad_fn
     )
   )
   every_3 = [
     dataclasses.replace(
-      c, id=f"{c.id}-every_k=3", make=functools.partial(c.make, every_k=3)
+      c,
+      id=f"{c.id}-every_k=3",
+      make=functools.partial(c.make, every_k=3),
+      grad_fn_runs=_every_third_step(c.grad_fn_runs),
     )
     for c in base
   ]
-  return base + every_3
+  # The other policies for the steps between refreshes: LookSAM's reuse and
+  # AE-SAM's adaptive choice of the steps that refresh.
+  looksam = Case(
+    "sam-looksam-every_k=3",
+    functools.partial(gx.sam, reuse="looksam", every_k=3),
+    dict(rho=0.05, looksam_alpha=0.7),
+    dict(rho=0.2, looksam_alpha=0.3),
+    "grad_fn",
+    quad=dict(rho=0.01),
+    rosen=dict(rho=0.003),
+    grad_fn_runs=_every_third_step(_every_step),
+  )
+  ae = dict(ae_threshold=AE_THRESHOLD)
+  ae_sam = Case(
+    "sam-ae",
+    gx.sam,
+    dict(rho=0.05, **ae),
+    # threshold 0 takes the extra gradient on the step the test changes it
+    dict(rho=0.2, ae_threshold=0.0),
+    "grad_fn",
+    quad=dict(rho=0.01, **ae),
+    rosen=dict(rho=0.003, **ae),
+    grad_fn_runs=_ae_sam_runs,
+  )
+  return base + every_3 + [looksam, ae_sam]
 
 
 CASES: list[Case] = _second_gradient_cases() + [

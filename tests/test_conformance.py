@@ -11,7 +11,8 @@ Tests, each over all cases: jit with the params and the state donated
 dtype and shapes kept (float32, bfloat16); schedules honoured and
 `inject_hyperparams` hyperparameters changeable (every case that has
 hyperparameters: all but adaptive_gradient_regularization);
-`inject_hyperparams` equivalence; unknown extra arguments ignored (bare and
+`grad_fn` runs counted against each method's own count; `inject_hyperparams`
+equivalence; unknown extra arguments ignored (bare and
 chained); convergence on a convex quadratic and on Rosenbrock with sgd and
 adam; zero gradients give finite (zero) updates. (Tree, shape and dtype
 preservation over random pytrees is in test_properties.py.)
@@ -283,6 +284,38 @@ def test_step_schedule_matches_constant_of_each_step(case, run, params_sequence)
   # correction does not depend on rho, so not necessarily on every step).
   assert any(differs[2:]), "alt must change the update"
   assert step_s.traces() == 1
+
+
+# ----------------------------------------------------------------------------
+# The cost: how many times grad_fn runs.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.cases(lambda c: c.needs == "grad_fn")
+def test_grad_fn_runs_as_often_as_the_method_says(case, run, params_sequence):
+  """Executions of `grad_fn` in the jitted step (counted by a host callback,
+  so a skipped `lax.cond` branch does not count) against the case's own
+  count: every step, every third with every_k=3 (LookSAM's reuse included),
+  the steps that AE-SAM's policy picks, twice a step for the central
+  difference."""
+  runs = []
+  grad = jax.grad(run.loss_fn)
+
+  def counted_grad_fn(p):
+    jax.debug.callback(lambda: runs.append(1))
+    return grad(p)
+
+  tx = case.make(**case.hparams)
+  step = jax.jit(lambda p, g, s: tx.update(g, s, p, grad_fn=counted_grad_fn))
+  seq = params_sequence(10)
+  state = tx.init(seq[0])
+  grads = []
+  for params in seq:
+    g = grad(params)
+    _, state = step(params, g, state)
+    grads.append(np.asarray(ravel_pytree(g)[0], np.float64))
+  jax.effects_barrier()
+  assert len(runs) == case.grad_fn_runs(grads)
 
 
 # ----------------------------------------------------------------------------

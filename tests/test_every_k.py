@@ -55,23 +55,6 @@ def train(tx, loss, params, steps, grad_fn=None, state=None):
   return params, state, outs
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 5])
-@pytest.mark.parametrize(
-  "make,extra_per_refresh",
-  [
-    (lambda k: gx.sam(0.05, every_k=k), 1),
-    (lambda k: gx.finite_difference_gr(0.1, 0.01, every_k=k), 1),
-    (lambda k: gx.finite_difference_gr(0.1, 0.01, scheme="central", every_k=k), 2),
-  ],
-)
-def test_grad_fn_runs_once_in_k_steps(make, extra_per_refresh, k):
-  loss, params = quartic_problem()
-  counter = Counter(jax.grad(loss))
-  steps = 12
-  train(make(k), loss, params, steps, grad_fn=counter)
-  assert counter.calls == extra_per_refresh * -(-steps // k)
-
-
 def test_cached_correction_is_reused_between_refreshes():
   loss, params = quartic_problem()
   rho, alpha, k = 0.1, 0.6, 3
@@ -280,14 +263,14 @@ def test_looksam_reuses_the_rescaled_orthogonal_component():
   """`reuse="looksam"` (Liu et al. 2022, Alg. 1): a refresh step is SAM's;
   the others add `alpha ||g|| / ||g_v|| g_v` to their own `g`, with `g_v` the
   part of the refresh step's `g'` orthogonal to its `g` (hand-written, in
-  float64); grad_fn runs on the refresh steps only."""
+  float64). (grad_fn's runs: the conformance suite's count.)"""
   loss, params = quartic_problem()
   rho, alpha, k = 0.1, 0.7, 3
   tx = optax.chain(
     gx.sam(rho, every_k=k, reuse="looksam", looksam_alpha=alpha), optax.sgd(0.01)
   )
-  counter = Counter(jax.grad(loss))
-  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, grad_fn=counter))
+  grad = jax.grad(loss)
+  step = jax.jit(lambda p, s: tx.update(grad(p), s, p, grad_fn=grad))
   flat = lambda t: np.concatenate(
     [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)]
   )
@@ -306,26 +289,30 @@ def test_looksam_reuses_the_rescaled_orthogonal_component():
       expected = g + alpha * np.linalg.norm(g) / np.linalg.norm(g_v) * g_v
     np.testing.assert_allclose(flat(u), -0.01 * expected, rtol=2e-5, atol=1e-7)
     p = optax.apply_updates(p, u)
-  jax.block_until_ready(p)
-  assert counter.calls == 2  # steps 0 and 3
 
 
-def test_ae_sam_takes_the_extra_gradient_when_the_gradient_norm_is_high():
+@pytest.mark.parametrize("every_k", [1, 3])
+def test_ae_sam_takes_the_extra_gradient_when_the_gradient_norm_is_high(every_k):
   """`ae_threshold=c` (AE-SAM, Jiang et al. 2023): running mean `mu` and
   variance `sigma^2` of `||g||^2` (decay 0.9, updated by the step's own);
-  SAM's gradient when `||g||^2 >= mu + c sigma`, else `g`; grad_fn runs on
-  those steps only (hand-written policy, float64)."""
+  SAM's gradient when `||g||^2 >= mu + c sigma`, else `g` (every_k=1, the
+  paper's SGD step) or `g` plus the last refresh's correction `g' - g`
+  (every_k > 1). Hand-written policy, float64; grad_fn's runs: the
+  conformance suite's count."""
   loss, params = quartic_problem()
   rho, c, decay, n = 0.05, 0.3, 0.9, 12
-  tx = optax.chain(gx.sam(rho, ae_threshold=c, ae_decay=decay), optax.sgd(0.01))
-  counter = Counter(jax.grad(loss))
-  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, grad_fn=counter))
+  tx = optax.chain(
+    gx.sam(rho, ae_threshold=c, ae_decay=decay, every_k=every_k), optax.sgd(0.01)
+  )
+  grad = jax.grad(loss)
+  step = jax.jit(lambda p, s: tx.update(grad(p), s, p, grad_fn=grad))
   flat = lambda t: np.concatenate(
     [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)]
   )
   p, s = params, tx.init(params)
   mean = var = 0.0
   taken = []
+  cached = None
   for _ in range(n):
     g_tree = jax.grad(loss)(p)
     g = flat(g_tree)
@@ -337,38 +324,35 @@ def test_ae_sam_takes_the_extra_gradient_when_the_gradient_norm_is_high():
       scale = rho / np.linalg.norm(g)
       point = jax.tree.map(lambda x, gi, a=scale: x + a * gi, p, g_tree)
       expected = flat(jax.grad(loss)(point))
+      cached = expected - g
     else:
-      expected = g
+      expected = g if every_k == 1 else g + cached
     u, s = step(p, s)
     np.testing.assert_allclose(flat(u), -0.01 * expected, rtol=2e-5, atol=1e-7)
     p = optax.apply_updates(p, u)
-  jax.block_until_ready(p)
-  assert 0 < sum(taken) < n, taken  # both kinds of step happened
-  assert counter.calls == sum(taken)
+  assert taken[0] and not all(taken), taken  # both kinds of step happened
 
 
-def test_ae_sam_state_is_donated_and_injected():
-  """AE-SAM's statistics live in `state.policy`: a donated jitted step under
-  `optax.inject_hyperparams` (threshold injected) equals the plain
-  transform, every_k=3 (the cache reused off-policy) included."""
+def test_ae_sam_with_a_cache_is_donated_and_injected():
+  """AE-SAM's statistics live in `state.policy`: with every_k=3 (the cache
+  reused on skipped steps), a donated jitted step under
+  `optax.inject_hyperparams` (threshold and every_k injected) equals the
+  plain transform. (every_k=1: the conformance case `sam-ae`.)"""
   loss, params = quartic_problem()
-  for every_k in (1, 3):
-    plain = gx.sam(0.05, ae_threshold=0.2, every_k=every_k)
-    injected = optax.inject_hyperparams(gx.sam, static_args=("every_k",))(
-      0.05, ae_threshold=0.2, every_k=every_k
+  plain = gx.sam(0.05, ae_threshold=0.2, every_k=3)
+  injected = optax.inject_hyperparams(gx.sam)(0.05, ae_threshold=0.2, every_k=3)
+
+  def step(p, s, tx):
+    return tx.update(jax.grad(loss)(p), s, p, grad_fn=jax.grad(loss))
+
+  jitted = jax.jit(step, donate_argnums=(1,), static_argnums=2)
+  s_plain, s_inj = plain.init(params), injected.init(params)
+  p = params
+  for _ in range(5):
+    u_plain, s_plain = step(p, s_plain, plain)
+    u_inj, s_inj = jitted(p, s_inj, injected)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u_inj, u_plain
     )
-
-    def step(p, s, tx):
-      return tx.update(jax.grad(loss)(p), s, p, grad_fn=jax.grad(loss))
-
-    jitted = jax.jit(step, donate_argnums=(1,), static_argnums=2)
-    s_plain, s_inj = plain.init(params), injected.init(params)
-    p = params
-    for _ in range(5):
-      u_plain, s_plain = step(p, s_plain, plain)
-      u_inj, s_inj = jitted(p, s_inj, injected)
-      jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u_inj, u_plain
-      )
-      p = optax.apply_updates(p, jax.tree.map(lambda x: -0.01 * x, u_plain))
-    np.testing.assert_allclose(s_inj.inner_state.policy, s_plain.policy, rtol=1e-6)
+    p = optax.apply_updates(p, jax.tree.map(lambda x: -0.01 * x, u_plain))
+  np.testing.assert_allclose(s_inj.inner_state.policy, s_plain.policy, rtol=1e-6)

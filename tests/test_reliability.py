@@ -81,7 +81,9 @@ def run_faults(tx, step, factors, grads_seq, params_seq):
   return outs, states
 
 
-@second_gradient_cases
+# AE-SAM's refresh steps follow its statistics, which a fault changes: its
+# own test follows.
+@pytest.mark.cases(lambda c: c.needs == "grad_fn" and c.id != "sam-ae")
 def test_faults_in_jit(case, loss_fn, params_sequence):
   """One jitted step per case, three runs over the same 7 steps:
 
@@ -142,6 +144,44 @@ def test_faults_in_jit(case, loss_fn, params_sequence):
     else:
       assert all_finite(outs[t]), t
   assert int(states[-1].nonfinite_count) == len(refreshed)
+
+
+def test_ae_sam_policy_skips_a_nonfinite_gradient(loss_fn, params_sequence):
+  """AE-SAM with a NaN in the clean gradient of step 1: NaN in, NaN out,
+  grad_fn does not run, and the running statistics (`state.policy`) stay
+  those of step 0, so the later steps are those of a run without step 1 (a
+  NaN mean would turn every later decision off for good)."""
+  seq = params_sequence(4)
+  grads = [jax.grad(loss_fn)(p) for p in seq]
+  tx = gx.sam(0.05, ae_threshold=0.0)
+  runs = []
+
+  def counted_grad_fn(p):
+    jax.debug.callback(lambda: runs.append(1))
+    return jax.grad(loss_fn)(p)
+
+  step = jax.jit(lambda p, g, s: tx.update(g, s, p, grad_fn=counted_grad_fn))
+
+  def run(steps, bad_step=None):
+    state, outs, states = tx.init(seq[0]), [], []
+    for t in steps:
+      g = grads[t]
+      if t == bad_step:
+        g = {**g, "w": g["w"].at[0, 0].set(jnp.nan)}
+      u, state = step(seq[t], g, state)
+      outs.append(u)
+      states.append(state)
+    jax.effects_barrier()
+    return outs, states
+
+  outs, states = run(range(4), bad_step=1)
+  assert len(runs) == 3  # steps 0, 2 and 3 (threshold 0: all finite steps)
+  assert np.isnan(outs[1]["w"][0, 0])
+  assert leaves_bitwise_equal(states[1].policy, states[0].policy)
+  assert all(all_finite(s) for s in states)
+  without, _ = run([0, 2, 3])
+  for got, want in zip(outs[2:], without[1:], strict=True):
+    assert leaves_bitwise_equal(got, want)
 
 
 @second_gradient_cases

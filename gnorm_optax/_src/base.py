@@ -409,13 +409,15 @@ def second_gradient_transformation(
       no check (see `SecondGradientState`).
     cache_fn: with a cache, `cache_fn(d, g, hp)` is what a refresh step
       caches instead of `d` itself (LookSAM caches the part of `g'`
-      orthogonal to `g`); it gets the zeroed `d` of a faulty step.
+      orthogonal to `g`); a faulty step caches zeros (except with
+      `on_nonfinite="propagate"`).
     reuse_fn: with a cache, `reuse_fn(cache, g, hp)` is the correction of a
       step that reuses it (default: the cache itself).
     policy: decides on each step whether to take the extra gradient, in
       place of `count % every_k == 0`; a step that does not reuses the cache
-      if there is one (`every_k > 1`), else its correction is zero (the
-      update is `apply_fn(g, 0)`).
+      when `every_k > 1`, else its correction is zero (the update is
+      `apply_fn(g, 0)`). A step whose gradient is not finite takes no extra
+      gradient and keeps the policy's state.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -535,6 +537,12 @@ def second_gradient_transformation(
     new_policy = state.policy
     if policy is not None:
       decided, new_policy = policy.decide(state.policy, g, hp)
+      # A step whose gradient is not finite takes no extra gradient and leaves
+      # the policy's state as it was (a NaN in running statistics would
+      # decide every later step); the NaN itself comes out, as on a reuse step.
+      g_finite = tree_all_finite(g)
+      decided = decided & g_finite
+      new_policy = optax.tree.where(g_finite, new_policy, state.policy)
 
     if state.correction is None and policy is None:
       d, finite, error, degenerate = refresh(g_perturb, g, params)
@@ -576,9 +584,13 @@ def second_gradient_transformation(
       else:
 
         def refresh_and_cache(g_perturb, g, params):
-          d, *rest = refresh(g_perturb, g, params)
+          d, finite, *rest = refresh(g_perturb, g, params)
           cache = d if cache_fn is None else cache_fn(d, g, hp)
-          return d, optax.tree.cast_like(cache, state.correction), *rest
+          if cache_fn is not None and on_nonfinite != "propagate":
+            # A faulty step caches zero, not what cache_fn makes of its
+            # (maybe non-finite) clean gradient.
+            cache = optax.tree.where(finite, cache, optax.tree.zeros_like(cache))
+          return d, optax.tree.cast_like(cache, state.correction), finite, *rest
 
         def reuse_cache(g_perturb, g, params):
           _, *rest = reuse(g_perturb, g, params)
@@ -595,6 +607,11 @@ def second_gradient_transformation(
           g,
           params,
         )
+      if policy is not None:
+        # A skipped step reuses the cache only when every_k > 1 (an injected
+        # every_k keeps a cache even at 1): at 1 its correction is zero, as
+        # without a cache.
+        d = optax.tree.where(refreshes | (k_now > 1), d, optax.tree.zeros_like(d))
 
     out = apply_fn(g, d, hp)  # = g where d was zeroed (identity_at_zero)
     if on_nonfinite == "zero":

@@ -18,6 +18,7 @@ import pathlib
 import sys
 
 from gnorm_optax.examples import data_parallel
+from gnorm_optax.examples import distributed
 
 COMMON = ["--model", "mlp", "--epochs", "1", "--batch-size", "128"]
 RUNS = {
@@ -30,7 +31,7 @@ RUNS = {
 
 def main(argv: list[str]) -> None:
   out = pathlib.Path(argv[0])
-  data_parallel.initialize(data_parallel.parse_args(argv[1:]))
+  distributed.initialize(data_parallel.parse_args(argv[1:]))
   for name, flags in RUNS.items():
     checkpoint, results = out / name, out / f"{name}.json"
     data_parallel.main(

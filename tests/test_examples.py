@@ -19,6 +19,7 @@ from gnorm_optax.examples import checkpointing
 from gnorm_optax.examples import data
 from gnorm_optax.examples import models
 from gnorm_optax.examples import train
+from gnorm_optax.examples import vit
 
 N_SAMPLES = 1797  # size of scikit-learn's digits data set
 
@@ -187,7 +188,7 @@ def test_model_names_and_sizes():
   assert models.count_params(cnn) == 9_930  # the README's number
   with pytest.raises(ValueError, match="choose from"):
     models.make_model("transformer")
-  assert [models.default_patch(s) for s in IMAGE_SHAPES] == [2, 4, 4]
+  assert [vit.default_patch(s) for s in IMAGE_SHAPES] == [2, 4, 4]
   with pytest.raises(ValueError, match="patch must divide"):
     nnx.eval_shape(lambda: models.ViT((10, 10, 1), patch=4, rngs=nnx.Rngs(0)))
 

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from gnorm_optax.examples import data_parallel
+from gnorm_optax.examples import distributed
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -157,7 +157,7 @@ def test_data_parallel_example_rejects_indivisible_batch_size():
 )
 def test_check_batch_size(batch_size, devices, ok):
   if ok:
-    data_parallel.check_batch_size(batch_size, devices)
+    distributed.check_batch_size(batch_size, devices)
   else:
     with pytest.raises(ValueError, match="multiple of the number of devices"):
-      data_parallel.check_batch_size(batch_size, devices)
+      distributed.check_batch_size(batch_size, devices)

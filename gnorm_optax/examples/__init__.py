@@ -5,8 +5,9 @@ Modules:
         mini-batches.
     hub: MNIST, Fashion-MNIST and CIFAR-10 from the Hugging Face Hub (the
         ``hub`` extra).
-    models: Flax NNX ``MLP``, ``CNN``, ``CNN1D`` (1-D signals), ``ResNet``
-        (BatchNorm) and ``ViT``.
+    models: Flax NNX ``MLP``, ``CNN``, ``CNN1D`` (1-D signals) and the
+        registry ``MODELS``, which also holds ``resnet.ResNet`` (BatchNorm)
+        and ``vit.ViT``.
     train: ``python -m gnorm_optax.examples.train``, one file to fork: the
         optimizer table, the NNX train step, evaluation and flatness.
     checkpointing: the same training, saved every epoch with orbax and
@@ -15,6 +16,8 @@ Modules:
         several processes (``python -m gnorm_optax.examples.data_parallel``;
         ``jax.distributed`` with ``--coordinator-address``,
         ``--num-processes`` and ``--process-id``, or ``--distributed``).
+    distributed: its plumbing: ``jax.distributed``'s flags and start, and
+        placing the state and each process's batch rows on the global mesh.
 
 Needs the ``examples`` extra (flax, scikit-learn, mnist1d, tqdm,
 orbax-checkpoint).

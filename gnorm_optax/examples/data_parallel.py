@@ -51,6 +51,7 @@ from jax.sharding import PartitionSpec as P
 import gnorm_optax as gx
 from gnorm_optax.examples import checkpointing
 from gnorm_optax.examples import data
+from gnorm_optax.examples import distributed
 from gnorm_optax.examples import train
 from gnorm_optax.examples.models import make_model
 from gnorm_optax.flax import nnx_grad_fn
@@ -106,49 +107,6 @@ def count_correct(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
   return (model(x).argmax(axis=-1) == y).sum()
 
 
-def check_batch_size(batch_size: int, num_devices: int) -> None:
-  """Raises a ValueError unless ``batch_size`` splits evenly over the devices."""
-  if batch_size < 1 or batch_size % num_devices:
-    fit = max(num_devices, batch_size // num_devices * num_devices)
-    raise ValueError(
-      f"--batch-size must be a positive multiple of the number of devices "
-      f"({num_devices}), so that every device gets the same share of the "
-      f"batch; got {batch_size}. Use e.g. --batch-size {fit}."
-    )
-
-
-def state_shardings(tree: Any, mesh: Mesh, fsdp: bool) -> Any:
-  """``P()`` for every leaf; with ``fsdp``, leaves split over 'data' along
-  their first axis that the number of devices divides (others replicated)."""
-
-  def sharding(x: Any) -> NamedSharding:
-    axes = [i for i, n in enumerate(x.shape) if fsdp and n % mesh.size == 0]
-    return NamedSharding(mesh, P(*[None] * axes[0], "data") if axes else P())
-
-  return jax.tree.map(sharding, tree)
-
-
-def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
-  """The global array of ``sharding`` from ``x``, which every process holds
-  (each process places only the shards of its own devices)."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def put_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """The global batch ``x`` sharded over 'data', each process feeding only the
-  rows of its own devices (a real input pipeline would load only those)."""
-  shards = sharding.addressable_devices_indices_map(x.shape).values()
-  rows = sorted({(i[0].start, i[0].stop) for i in shards if i is not None})
-  local = np.concatenate([x[start:stop] for start, stop in rows])
-  return jax.make_array_from_process_local_data(sharding, local, x.shape)
-
-
-def local_value(x: jax.Array) -> np.ndarray:
-  """A replicated array's value, read from this process's first shard."""
-  return np.asarray(x.addressable_data(0))
-
-
 def build_parser() -> argparse.ArgumentParser:
   """The command-line flags (``--help`` lists them)."""
   p = argparse.ArgumentParser(
@@ -157,16 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   count = train._checked(int, lambda v: v >= 1, "a positive integer")
-  index = train._checked(int, lambda v: v >= 0, "an integer >= 0")
   seed = train._checked(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
   positive = train._checked(float, lambda v: 0 < v < float("inf"), "a number > 0")
   nonneg = train._checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
   fraction = train._checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-  address = train._checked(
-    str,
-    lambda v: v.rpartition(":")[0] != "" and 0 < int(v.rpartition(":")[2]) < 2**16,
-    "HOST:PORT, e.g. 10.0.0.1:1234",
-  )
   add = p.add_argument
   add("--method", choices=METHODS, default="sam", help="the optimizer")
   add("--model", choices=("cnn", "mlp"), default="cnn", help="the architecture")
@@ -180,26 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
   add("--fsdp", action="store_true", help="shard parameters and state over 'data'")
   add("--checkpoint-dir", type=pathlib.Path, help="save every epoch; resume there")
   add("--output", help="process 0 writes the results there as JSON")
-  g = p.add_argument_group(
-    "several processes",
-    "jax.distributed.initialize's arguments; none: one process",
-  )
-  g.add_argument("--coordinator-address", type=address, help="process 0's HOST:PORT")
-  g.add_argument("--num-processes", type=count, help="the processes in the run")
-  g.add_argument("--process-id", type=index, help="this one, < --num-processes")
-  g.add_argument(
-    "--distributed", action="store_true", help="let JAX find the ones not given"
-  )
-  g.add_argument(
-    "--init-timeout", type=count, default=300, help="seconds to wait for the others"
-  )
-  g.add_argument(
-    "--heartbeat-timeout",
-    type=count,
-    default=60,
-    help="seconds until a silent process counts as dead (and the longest a "
-    "failed one waits for the others at exit)",
-  )
+  distributed.add_flags(p)
   return p
 
 
@@ -209,26 +142,7 @@ def parse_args(
   """Parses and checks the flags; a bad one exits with status 2, naming it."""
   parser = build_parser() if parser is None else parser
   args = parser.parse_args(argv)
-  given = {
-    "--coordinator-address": args.coordinator_address,
-    "--num-processes": args.num_processes,
-    "--process-id": args.process_id,
-  }
-  missing = [flag for flag, value in given.items() if value is None]
-  present = [flag for flag, value in given.items() if value is not None]
-  if not args.distributed and missing and present:
-    parser.error(
-      f"argument {missing[0]}: required with {' and '.join(present)}; give "
-      "all three (or --distributed, where JAX finds them: Cloud TPU, SLURM, "
-      "Open MPI)"
-    )
-  if None not in (args.num_processes, args.process_id) and not (
-    args.process_id < args.num_processes
-  ):
-    parser.error(
-      f"argument --process-id: must be < --num-processes {args.num_processes}, "
-      f"got {args.process_id}; number the processes 0 to {args.num_processes - 1}"
-    )
+  distributed.check_flags(parser, args)
   if "lr" not in args:
     args.lr = 3e-3 if args.method == "agr_adamw" else 0.05
   if args.checkpoint_dir is not None:
@@ -237,35 +151,12 @@ def parse_args(
   return args
 
 
-def initialize(args: argparse.Namespace) -> None:
-  """Joins the other processes through ``jax.distributed`` if the flags say so.
-
-  A process that stops sending heartbeats for ``--heartbeat-timeout`` seconds
-  counts as dead: JAX then terminates every other process with an error
-  instead of leaving them blocked in a collective. The same bound applies to
-  the barrier where finishing processes wait for each other.
-  """
-  if args.num_processes is None and not args.distributed:
-    return
-  jax.distributed.initialize(
-    coordinator_address=args.coordinator_address,
-    num_processes=args.num_processes,
-    process_id=args.process_id,
-    initialization_timeout=args.init_timeout,
-    heartbeat_timeout_seconds=args.heartbeat_timeout,
-    shutdown_timeout_seconds=args.heartbeat_timeout,
-  )
-  # Collectives between CPU processes (GPUs and TPUs bring their own); set
-  # before the first computation creates the devices.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Trains as the flags say; returns (process 0 also writes) the results."""
   parser = build_parser()
   args = parse_args(argv, parser)
   try:
-    initialize(args)
+    distributed.initialize(args)
   except ValueError as e:  # --distributed where JAX detects no cluster
     parser.error(
       f"argument --distributed: {e} JAX finds it on Cloud TPU, SLURM and Open "
@@ -274,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   devices, lead = jax.devices(), jax.process_index() == 0
   log = print if lead else lambda *_: None
   try:
-    check_batch_size(args.batch_size, len(devices))
+    distributed.check_batch_size(args.batch_size, len(devices))
   except ValueError as e:
     parser.error(str(e))
   mesh = Mesh(np.array(devices), ("data",))
@@ -291,8 +182,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   # Place the state on the global mesh: replicated, or split with --fsdp.
   state = nnx.state((model, optimizer))
-  shardings = state_shardings(state, mesh, args.fsdp)
-  nnx.update((model, optimizer), jax.tree.map(put_global, state, shardings))
+  shardings = distributed.state_shardings(state, mesh, args.fsdp)
+  nnx.update((model, optimizer), jax.tree.map(distributed.put_global, state, shardings))
   rng = np.random.default_rng(args.seed)  # the batch order, the same everywhere
   history: list[float] = []
   mngr = None
@@ -308,13 +199,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for epoch in range(len(history) + 1, args.epochs + 1):
     start = time.perf_counter()
     model.train()
+    put = distributed.put_batch  # each process feeds its own rows
     losses = [
-      train_step(
-        model, optimizer, put_batch(x, batch_sharding), put_batch(y, batch_sharding)
-      )
+      train_step(model, optimizer, put(x, batch_sharding), put(y, batch_sharding))
       for x, y in data.iterate_batches(ds.x_train, ds.y_train, args.batch_size, rng)
     ]
-    history.append(float(np.mean([local_value(v) for v in losses])))
+    history.append(float(np.mean([distributed.local_value(v) for v in losses])))
     seconds = time.perf_counter() - start
     log(f"epoch {epoch:3d}  train loss {history[-1]:.4f}  ({seconds:.1f} s)")
     if mngr is not None:
@@ -322,8 +212,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if mngr is not None:
     mngr.close()  # waits for the last save
   model.eval()
-  x_test, y_test = (put_global(v, replicated) for v in (ds.x_test, ds.y_test))
-  accuracy = int(local_value(count_correct(model, x_test, y_test))) / len(ds.y_test)
+  test = (ds.x_test, ds.y_test)
+  x_test, y_test = (distributed.put_global(v, replicated) for v in test)
+  correct = distributed.local_value(count_correct(model, x_test, y_test))
+  accuracy = int(correct) / len(ds.y_test)
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   replicated_params = all(p.sharding.is_fully_replicated for p in params)
   layout = "replicated" if replicated_params else "FSDP-sharded"
